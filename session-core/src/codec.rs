@@ -1,0 +1,208 @@
+//! The one place that turns records and session values into bytes and back.
+//!
+//! A stored record is a format byte ([`FORMAT_V1`]) followed by the record in bincode 2's
+//! standard configuration (through its serde support). Each session value inside a record is
+//! itself a bincode encoding of the application's serde type. Decoding is bounded (no
+//! allocation larger than [`DECODE_LIMIT`]) and must consume every byte.
+
+use std::error::Error;
+use std::fmt;
+
+use bincode::config::{self, Configuration, Limit, LittleEndian, Varint};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::record::Record;
+
+/// The format byte of records written by this version.
+pub const FORMAT_V1: u8 = 1;
+
+/// The largest allocation a decode may make, in bytes.
+pub const DECODE_LIMIT: usize = 64 * 1024 * 1024;
+
+type CodecConfig = Configuration<LittleEndian, Varint, Limit<DECODE_LIMIT>>;
+
+fn codec_config() -> CodecConfig {
+    config::standard().with_limit::<DECODE_LIMIT>()
+}
+
+/// A record or value could not be encoded.
+#[derive(Debug)]
+pub struct EncodeError(bincode::error::EncodeError);
+
+impl fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("encoding failed")
+    }
+}
+
+impl Error for EncodeError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Bytes that are not a record or value this version can read.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// There were no bytes at all.
+    Empty,
+    /// The format byte is not one this version knows (corrupt, foreign or from a newer version).
+    UnknownFormat(u8),
+    /// The payload is malformed.
+    Malformed(bincode::error::DecodeError),
+    /// Bytes were left over after a complete value.
+    TrailingBytes {
+        /// How many bytes were left over.
+        count: usize,
+    },
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Empty => f.write_str("no bytes to decode"),
+            Self::UnknownFormat(byte) => write!(f, "unknown format byte {byte:#04x}"),
+            Self::Malformed(_) => f.write_str("malformed payload"),
+            Self::TrailingBytes { count } => write!(f, "{count} bytes after the end of the value"),
+        }
+    }
+}
+
+impl Error for DecodeError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            Self::Malformed(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Encodes a record for storage.
+pub fn encode_record(record: &Record) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::with_capacity(64);
+    out.push(FORMAT_V1);
+    bincode::serde::encode_into_std_write(record, &mut out, codec_config()).map_err(EncodeError)?;
+    Ok(out)
+}
+
+/// Encodes a record for a store whose limit is `limit` bytes; [`StoreError::TooLarge`] when over.
+///
+/// [`StoreError::TooLarge`]: crate::StoreError::TooLarge
+pub fn encode_record_within(record: &Record, limit: usize) -> Result<Vec<u8>, crate::StoreError> {
+    let bytes = encode_record(record)?;
+    if bytes.len() > limit {
+        return Err(crate::StoreError::TooLarge {
+            size: bytes.len(),
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
+/// The length [`encode_record`] would produce, computed without allocating.
+pub fn encoded_record_len(record: &Record) -> Result<usize, EncodeError> {
+    let mut counter = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(record, &mut counter, codec_config()).map_err(EncodeError)?;
+    Ok(1 + counter.bytes_written)
+}
+
+/// Decodes stored bytes into a record.
+pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
+    match bytes.split_first() {
+        None => Err(DecodeError::Empty),
+        Some((&FORMAT_V1, payload)) => decode_exact(payload),
+        Some((&other, _)) => Err(DecodeError::UnknownFormat(other)),
+    }
+}
+
+/// Encodes one session value.
+pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeError> {
+    bincode::serde::encode_to_vec(value, codec_config()).map_err(EncodeError)
+}
+
+/// Decodes one session value as `T`.
+pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    decode_exact(bytes)
+}
+
+fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let (value, read) = bincode::serde::decode_from_slice(bytes, codec_config())
+        .map_err(DecodeError::Malformed)?;
+    if read != bytes.len() {
+        return Err(DecodeError::TrailingBytes {
+            count: bytes.len() - read,
+        });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    fn sample() -> Record {
+        let mut record = Record::new(SystemTime::now());
+        record.set_value("user", encode_value("alice").unwrap());
+        record.set_value("bin", vec![0, 255, 10, 13, 32]);
+        record.set_absolute_deadline(Some(SystemTime::now()));
+        record
+    }
+
+    #[test]
+    fn records_round_trip_and_length_is_exact() {
+        let record = sample();
+        let bytes = encode_record(&record).unwrap();
+        assert_eq!(bytes[0], FORMAT_V1);
+        assert_eq!(encoded_record_len(&record).unwrap(), bytes.len());
+        assert_eq!(decode_record(&bytes).unwrap(), record);
+    }
+
+    #[test]
+    fn bad_bytes_are_typed_errors() {
+        let bytes = encode_record(&sample()).unwrap();
+        assert!(matches!(decode_record(&[]), Err(DecodeError::Empty)));
+        assert!(matches!(
+            decode_record(&[9, 1, 2]),
+            Err(DecodeError::UnknownFormat(9))
+        ));
+        assert!(matches!(
+            decode_record(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            decode_record(&longer),
+            Err(DecodeError::TrailingBytes { count: 1 })
+        ));
+        // A length prefix claiming a huge map must fail without allocating it.
+        let huge = [FORMAT_V1, 0, 0, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+        assert!(decode_record(&huge).is_err());
+    }
+
+    #[test]
+    fn every_truncation_and_byte_flip_is_an_error_or_a_record_never_a_panic() {
+        let bytes = encode_record(&sample()).unwrap();
+        for end in 0..bytes.len() {
+            assert!(decode_record(&bytes[..end]).is_err());
+        }
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut flipped = bytes.clone();
+                flipped[i] ^= 1 << bit;
+                let _ = decode_record(&flipped);
+            }
+        }
+    }
+
+    #[test]
+    fn values_round_trip_and_wrong_types_fail() {
+        let bytes = encode_value(&vec![1u32, 2, 3]).unwrap();
+        assert_eq!(decode_value::<Vec<u32>>(&bytes).unwrap(), vec![1, 2, 3]);
+        assert!(decode_value::<String>(&encode_value(&u64::MAX).unwrap()).is_err());
+    }
+}

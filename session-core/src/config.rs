@@ -1,0 +1,308 @@
+//! [`SessionConfig`]: keys, timeouts, storage keys, size limit and cookie attributes.
+
+use std::time::Duration;
+
+use crate::error::ConfigError;
+use crate::id::KeyPrefix;
+use crate::signing::KeyRing;
+use crate::store::{MAX_TTL, MIN_TTL};
+
+/// The `SameSite` attribute of the session cookie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SameSite {
+    /// Sent only with same-site requests.
+    Strict,
+    /// Sent with same-site requests and top-level cross-site navigations (the default).
+    Lax,
+    /// Sent with every request; browsers require `Secure` with it.
+    None,
+}
+
+impl SameSite {
+    /// The attribute's value as written in `Set-Cookie`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "Strict",
+            Self::Lax => "Lax",
+            Self::None => "None",
+        }
+    }
+}
+
+/// The session cookie's name and attributes.
+#[derive(Clone, Debug)]
+pub struct CookieConfig {
+    pub(crate) name: String,
+    pub(crate) path: String,
+    pub(crate) domain: Option<String>,
+    pub(crate) secure: bool,
+    pub(crate) http_only: bool,
+    pub(crate) same_site: SameSite,
+    pub(crate) persistent: bool,
+}
+
+impl Default for CookieConfig {
+    /// Name `session`, `Path=/`, no `Domain`, `Secure`, `HttpOnly`, `SameSite=Lax`, persistent.
+    fn default() -> Self {
+        Self {
+            name: "session".to_owned(),
+            path: "/".to_owned(),
+            domain: None,
+            secure: true,
+            http_only: true,
+            same_site: SameSite::Lax,
+            persistent: true,
+        }
+    }
+}
+
+impl CookieConfig {
+    /// Sets the cookie's name (an RFC 6265 token).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets the `Path` attribute.
+    pub fn path(mut self, path: impl Into<String>) -> Self {
+        self.path = path.into();
+        self
+    }
+
+    /// Sets or removes the `Domain` attribute.
+    pub fn domain(mut self, domain: Option<String>) -> Self {
+        self.domain = domain;
+        self
+    }
+
+    /// Sets the `Secure` attribute (on by default; turn off only for plain-HTTP development).
+    pub fn secure(mut self, secure: bool) -> Self {
+        self.secure = secure;
+        self
+    }
+
+    /// Sets the `HttpOnly` attribute (on by default).
+    pub fn http_only(mut self, http_only: bool) -> Self {
+        self.http_only = http_only;
+        self
+    }
+
+    /// Sets the `SameSite` attribute.
+    pub fn same_site(mut self, same_site: SameSite) -> Self {
+        self.same_site = same_site;
+        self
+    }
+
+    /// Whether the cookie carries `Max-Age` (the session's remaining idle time, on by default)
+    /// or is a browser-session cookie that ends when the browser closes.
+    pub fn persistent(mut self, persistent: bool) -> Self {
+        self.persistent = persistent;
+        self
+    }
+
+    /// The cookie's name.
+    pub fn cookie_name(&self) -> &str {
+        &self.name
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let is_token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if self.name.is_empty() || !self.name.bytes().all(is_token) {
+            return Err(ConfigError::InvalidCookieName);
+        }
+        let is_attribute = |text: &str| text.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b';');
+        if !is_attribute(&self.path) {
+            return Err(ConfigError::InvalidCookieAttribute { attribute: "path" });
+        }
+        if self.domain.as_deref().is_some_and(|d| d.is_empty() || !is_attribute(d)) {
+            return Err(ConfigError::InvalidCookieAttribute {
+                attribute: "domain",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Everything the [`SessionManager`](crate::SessionManager) needs besides its store.
+///
+/// The tornado-memcached-sessions settings map onto it: `cookie_secret` / `session_secret`
+/// become keys of the [`KeyRing`], `session_timeout` the [`idle_timeout`](Self::idle_timeout).
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub(crate) keys: KeyRing,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) absolute_timeout: Option<Duration>,
+    pub(crate) touch_threshold: Option<Duration>,
+    pub(crate) key_prefix: KeyPrefix,
+    pub(crate) max_encoded_size: usize,
+    pub(crate) cookie: CookieConfig,
+    pub(crate) max_conflict_retries: u32,
+}
+
+impl SessionConfig {
+    /// The default idle timeout: 60 minutes.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+    /// The default maximum encoded session size: 64 KiB.
+    pub const DEFAULT_MAX_ENCODED_SIZE: usize = 64 * 1024;
+    /// The default number of saves tried when concurrent requests conflict.
+    pub const DEFAULT_MAX_CONFLICT_RETRIES: u32 = 16;
+
+    /// A configuration with `keys` and every other setting at its default.
+    pub fn new(keys: KeyRing) -> Self {
+        Self {
+            keys,
+            idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
+            absolute_timeout: None,
+            touch_threshold: None,
+            key_prefix: KeyPrefix::default(),
+            max_encoded_size: Self::DEFAULT_MAX_ENCODED_SIZE,
+            cookie: CookieConfig::default(),
+            max_conflict_retries: Self::DEFAULT_MAX_CONFLICT_RETRIES,
+        }
+    }
+
+    /// How long a session lives without a request (default 60 minutes).
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// How long a session lives at most from its creation, however active (default: no limit).
+    pub fn absolute_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.absolute_timeout = timeout;
+        self
+    }
+
+    /// An unmodified session is touched (its expiry pushed back) only once its remaining idle
+    /// time falls below this (default: half the idle timeout).
+    pub fn touch_threshold(mut self, threshold: Duration) -> Self {
+        self.touch_threshold = Some(threshold);
+        self
+    }
+
+    /// The prefix of every storage key (default `session:`).
+    pub fn key_prefix(mut self, prefix: KeyPrefix) -> Self {
+        self.key_prefix = prefix;
+        self
+    }
+
+    /// The largest encoded session the manager writes (default 64 KiB).
+    pub fn max_encoded_size(mut self, bytes: usize) -> Self {
+        self.max_encoded_size = bytes;
+        self
+    }
+
+    /// The cookie's name and attributes.
+    pub fn cookie(mut self, cookie: CookieConfig) -> Self {
+        self.cookie = cookie;
+        self
+    }
+
+    /// How many saves a commit tries when concurrent requests change the same session.
+    pub fn max_conflict_retries(mut self, retries: u32) -> Self {
+        self.max_conflict_retries = retries.max(1);
+        self
+    }
+
+    /// The idle timeout.
+    pub fn idle(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// The cookie settings.
+    pub fn cookie_config(&self) -> &CookieConfig {
+        &self.cookie
+    }
+
+    pub(crate) fn effective_touch_threshold(&self) -> Duration {
+        self.touch_threshold.unwrap_or(self.idle_timeout / 2)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let in_range = |d: Duration| (MIN_TTL..=MAX_TTL).contains(&d);
+        if !in_range(self.idle_timeout) {
+            return Err(ConfigError::TimeoutOutOfRange {
+                setting: "idle timeout",
+                value: self.idle_timeout,
+            });
+        }
+        if let Some(absolute) = self.absolute_timeout {
+            if absolute < MIN_TTL {
+                return Err(ConfigError::TimeoutOutOfRange {
+                    setting: "absolute timeout",
+                    value: absolute,
+                });
+            }
+        }
+        if self.effective_touch_threshold() > self.idle_timeout {
+            return Err(ConfigError::TouchThresholdTooLong);
+        }
+        if self.max_encoded_size == 0 {
+            return Err(ConfigError::ZeroMaxEncodedSize);
+        }
+        self.cookie.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signing::SigningKey;
+
+    fn config() -> SessionConfig {
+        SessionConfig::new(KeyRing::single(SigningKey::new([7u8; 32]).unwrap()))
+    }
+
+    #[test]
+    fn defaults_are_valid_and_as_documented() {
+        let c = config();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.idle(), Duration::from_secs(3600));
+        assert_eq!(c.effective_touch_threshold(), Duration::from_secs(1800));
+        assert!(c.cookie.secure && c.cookie.http_only);
+        assert_eq!(c.cookie.same_site, SameSite::Lax);
+    }
+
+    #[test]
+    fn out_of_range_settings_are_rejected() {
+        assert!(config().idle_timeout(Duration::from_millis(999)).validate().is_err());
+        assert!(config().idle_timeout(MAX_TTL + Duration::from_secs(1)).validate().is_err());
+        assert!(config().idle_timeout(Duration::from_secs(90 * 86400)).validate().is_ok());
+        assert!(
+            config()
+                .absolute_timeout(Some(Duration::ZERO))
+                .validate()
+                .is_err()
+        );
+        assert_eq!(
+            config()
+                .idle_timeout(Duration::from_secs(10))
+                .touch_threshold(Duration::from_secs(11))
+                .validate(),
+            Err(ConfigError::TouchThresholdTooLong)
+        );
+        assert_eq!(
+            config().max_encoded_size(0).validate(),
+            Err(ConfigError::ZeroMaxEncodedSize)
+        );
+        for bad in ["", "a b", "a;b", "sé", "a=b"] {
+            assert_eq!(
+                config().cookie(CookieConfig::default().name(bad)).validate(),
+                Err(ConfigError::InvalidCookieName),
+                "{bad:?}"
+            );
+        }
+        assert!(
+            config()
+                .cookie(CookieConfig::default().path("/a;b"))
+                .validate()
+                .is_err()
+        );
+        assert!(
+            config()
+                .cookie(CookieConfig::default().domain(Some("a b".into())))
+                .validate()
+                .is_err()
+        );
+    }
+}

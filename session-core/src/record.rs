@@ -1,0 +1,113 @@
+//! The stored form of a session: its values and its timestamps.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// A session as a store keeps it: named values (each one a value encoded by the
+/// [codec](crate::codec)), the creation time and the optional absolute deadline.
+///
+/// The idle deadline is not part of the record: it is the entry's time to live in the store,
+/// extended by `save` and `touch`, which is why `touch` need not rewrite the record.
+/// `Debug` shows value names and sizes, never value bytes.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    created_at_ms: u64,
+    absolute_deadline_ms: Option<u64>,
+    values: BTreeMap<String, Vec<u8>>,
+}
+
+impl Record {
+    /// An empty record created at `now`, with no absolute deadline.
+    pub fn new(now: SystemTime) -> Self {
+        Self {
+            created_at_ms: unix_millis(now),
+            absolute_deadline_ms: None,
+            values: BTreeMap::new(),
+        }
+    }
+
+    /// When the session was created.
+    pub fn created_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.created_at_ms)
+    }
+
+    /// The moment after which the session is over however active it is, if there is one.
+    pub fn absolute_deadline(&self) -> Option<SystemTime> {
+        self.absolute_deadline_ms
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+    }
+
+    /// Sets or removes the absolute deadline.
+    pub fn set_absolute_deadline(&mut self, deadline: Option<SystemTime>) {
+        self.absolute_deadline_ms = deadline.map(unix_millis);
+    }
+
+    /// Time left until the absolute deadline at `now`: `None` without a deadline,
+    /// `Some(Duration::ZERO)` once it has passed.
+    pub fn absolute_remaining(&self, now: SystemTime) -> Option<Duration> {
+        self.absolute_deadline_ms
+            .map(|deadline| Duration::from_millis(deadline.saturating_sub(unix_millis(now))))
+    }
+
+    /// The encoded bytes of the value named `name`.
+    pub fn value(&self, name: &str) -> Option<&[u8]> {
+        self.values.get(name).map(Vec::as_slice)
+    }
+
+    /// Stores encoded bytes under `name`, returning the previous bytes.
+    pub fn set_value(&mut self, name: impl Into<String>, bytes: Vec<u8>) -> Option<Vec<u8>> {
+        self.values.insert(name.into(), bytes)
+    }
+
+    /// Removes the value named `name`, returning its bytes.
+    pub fn remove_value(&mut self, name: &str) -> Option<Vec<u8>> {
+        self.values.remove(name)
+    }
+
+    /// Removes every value; timestamps stay.
+    pub fn clear_values(&mut self) {
+        self.values.clear();
+    }
+
+    /// The names of the values, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.values.keys().map(String::as_str)
+    }
+
+    /// How many values the record holds.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether the record holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+impl fmt::Debug for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Sizes<'a>(&'a BTreeMap<String, Vec<u8>>);
+        impl fmt::Debug for Sizes<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_map()
+                    .entries(self.0.iter().map(|(k, v)| (k, v.len())))
+                    .finish()
+            }
+        }
+        f.debug_struct("Record")
+            .field("created_at_ms", &self.created_at_ms)
+            .field("absolute_deadline_ms", &self.absolute_deadline_ms)
+            .field("value_sizes", &Sizes(&self.values))
+            .finish()
+    }
+}
+
+/// Milliseconds since the Unix epoch; zero for times before it.
+pub(crate) fn unix_millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
