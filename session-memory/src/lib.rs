@@ -1,1 +1,409 @@
-//! placeholder
+//! [`MemoryStore`]: sessions in the process's memory, the embedded default backend.
+//!
+//! - Honors the whole [`SessionStore`] contract, versions included, so an application can use
+//!   it in its own tests in place of memcached or Redis.
+//! - Expired sessions are never returned; a background sweeper thread frees their memory every
+//!   [`sweep_interval`](MemoryStoreBuilder::sweep_interval) without any caller action, and a
+//!   full shard sweeps itself before it evicts or refuses anything.
+//! - Bounded: at most [`max_sessions`](MemoryStoreBuilder::max_sessions) entries of at most
+//!   [`max_record_size`](MemoryStoreBuilder::max_record_size) bytes each, so a client creating
+//!   sessions in a loop cannot exhaust memory. What happens at the bound is set by [`OnFull`].
+//! - Sharded: entries are spread by key hash over independently locked shards (four per core,
+//!   at most 64); no lock is held across an await or while decoding.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use session_core::{KeyRing, SessionConfig, SessionManager, SigningKey};
+//! use session_memory::MemoryStore;
+//!
+//! let store = MemoryStore::builder().max_sessions(50_000).build();
+//! let config = SessionConfig::new(KeyRing::single(SigningKey::generate()?));
+//! let manager = SessionManager::new(Arc::new(store), config)?;
+//! let mut session = manager.load(None).await?;
+//! session.insert("user", "alice")?;
+//! let outcome = manager.commit(session).await?;
+//! assert!(outcome.cookie.is_some());
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher as _;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use session_core::codec::{decode_record, encode_record_within};
+use session_core::store::check_ttl;
+use session_core::{LoadedRecord, Record, SessionStore, StorageKey, StoreError, Version};
+
+/// What a full store does with a `create` for a new key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnFull {
+    /// Evict the entry of the same shard that expires soonest (the least recently active one,
+    /// since activity pushes expiry back), as memcached does. New visitors always get a session;
+    /// under a flood of new sessions, the idlest existing ones go first.
+    #[default]
+    EvictSoonestExpiring,
+    /// Refuse with [`StoreError::Full`]: existing sessions are never evicted, new ones fail
+    /// until entries expire or are deleted.
+    Reject,
+}
+
+/// Settings of a [`MemoryStore`]; start from [`MemoryStore::builder`].
+#[derive(Clone, Debug)]
+pub struct MemoryStoreBuilder {
+    max_sessions: usize,
+    max_record_size: usize,
+    on_full: OnFull,
+    sweep_interval: Duration,
+    shards: Option<usize>,
+}
+
+impl Default for MemoryStoreBuilder {
+    fn default() -> Self {
+        Self {
+            max_sessions: MemoryStore::DEFAULT_MAX_SESSIONS,
+            max_record_size: MemoryStore::DEFAULT_MAX_RECORD_SIZE,
+            on_full: OnFull::default(),
+            sweep_interval: MemoryStore::DEFAULT_SWEEP_INTERVAL,
+            shards: None,
+        }
+    }
+}
+
+impl MemoryStoreBuilder {
+    /// The most sessions held at once (default 100,000; at least 1). The bound is exact: each
+    /// of the `n` shards holds at most `max_sessions / n`, and there are never more shards
+    /// than `max_sessions`.
+    pub fn max_sessions(mut self, max: usize) -> Self {
+        self.max_sessions = max.max(1);
+        self
+    }
+
+    /// The largest encoded record accepted, in bytes (default 64 KiB). Together with
+    /// `max_sessions` it bounds the memory held by values.
+    pub fn max_record_size(mut self, bytes: usize) -> Self {
+        self.max_record_size = bytes;
+        self
+    }
+
+    /// What a full store does with a new session (default: evict the soonest-expiring).
+    pub fn on_full(mut self, policy: OnFull) -> Self {
+        self.on_full = policy;
+        self
+    }
+
+    /// How often the background sweeper frees expired entries (default 30 seconds).
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How many independently locked shards to use (default: four per core, at most 64).
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = Some(shards.max(1));
+        self
+    }
+
+    /// Builds the store and starts its sweeper thread.
+    pub fn build(self) -> MemoryStore {
+        let default_shards = std::thread::available_parallelism()
+            .map_or(4, |n| n.get() * 4)
+            .min(64);
+        let shard_count = self
+            .shards
+            .unwrap_or(default_shards)
+            .min(self.max_sessions);
+        let inner = Arc::new(Inner {
+            shards: (0..shard_count).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            per_shard_cap: self.max_sessions / shard_count,
+            max_record_size: self.max_record_size,
+            on_full: self.on_full,
+        });
+        let sweeper = Arc::new(Sweeper::start(
+            Arc::downgrade(&inner),
+            self.sweep_interval,
+        ));
+        MemoryStore { inner, sweeper }
+    }
+}
+
+/// The in-process session store. Cheap to clone: clones share the same sessions.
+#[derive(Clone)]
+pub struct MemoryStore {
+    // Declared before `sweeper` so the sessions are gone when the sweeper is woken to exit.
+    inner: Arc<Inner>,
+    sweeper: Arc<Sweeper>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("shards", &self.inner.shards.len())
+            .field("per_shard_cap", &self.inner.per_shard_cap)
+            .field("max_record_size", &self.inner.max_record_size)
+            .field("on_full", &self.inner.on_full)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// Default bound on the number of sessions.
+    pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
+    /// Default largest encoded record, in bytes.
+    pub const DEFAULT_MAX_RECORD_SIZE: usize = 64 * 1024;
+    /// Default interval of the background sweeper.
+    pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+    /// A store with the default settings.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// Settings to build a store from.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
+    }
+
+    /// How many entries are held in memory now, including expired ones not yet swept.
+    pub fn len(&self) -> usize {
+        self.inner.shards.iter().map(|s| lock(s).entries.len()).sum()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most entries the store holds at once.
+    pub fn capacity(&self) -> usize {
+        self.inner.per_shard_cap * self.inner.shards.len()
+    }
+
+    /// Whether the background sweeper thread is running (it is unless the thread could not be
+    /// spawned; expired entries are then freed when touched or when a shard fills).
+    pub fn has_sweeper(&self) -> bool {
+        self.sweeper.thread.is_some()
+    }
+
+    fn shard(&self, key: &StorageKey) -> MutexGuard<'_, Shard> {
+        let index = self.inner.hasher.hash_one(key.as_str()) as usize % self.inner.shards.len();
+        lock(&self.inner.shards[index])
+    }
+}
+
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    per_shard_cap: usize,
+    max_record_size: usize,
+    on_full: OnFull,
+}
+
+impl Inner {
+    fn sweep(&self) {
+        let now = Instant::now();
+        for shard in &*self.shards {
+            lock(shard).sweep(now);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Shard {
+    entries: HashMap<StorageKey, Entry>,
+    /// The last version handed out in this shard. A key always lives in the same shard, so
+    /// versions never repeat for a key, even across delete and re-create.
+    last_version: u64,
+}
+
+struct Entry {
+    bytes: Arc<[u8]>,
+    version: u64,
+    expires_at: Instant,
+}
+
+impl Shard {
+    fn next_version(&mut self) -> u64 {
+        self.last_version += 1;
+        self.last_version
+    }
+
+    /// The live entry under `key`, dropping it first if it has expired.
+    fn live(&mut self, key: &StorageKey, now: Instant) -> Option<&mut Entry> {
+        if self.entries.get(key).is_some_and(|e| e.expires_at <= now) {
+            self.entries.remove(key);
+        }
+        self.entries.get_mut(key)
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        self.entries.retain(|_, entry| entry.expires_at > now);
+        if self.entries.capacity() > 64 && self.entries.len() < self.entries.capacity() / 4 {
+            self.entries.shrink_to(self.entries.len() * 2);
+        }
+    }
+
+    /// Makes room for one new entry, or says the shard is full.
+    fn make_room(&mut self, cap: usize, policy: OnFull, now: Instant) -> Result<(), StoreError> {
+        if self.entries.len() < cap {
+            return Ok(());
+        }
+        self.sweep(now);
+        if self.entries.len() < cap {
+            return Ok(());
+        }
+        match policy {
+            OnFull::Reject => Err(StoreError::Full),
+            OnFull::EvictSoonestExpiring => {
+                let victim = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, entry)| entry.expires_at)
+                    .map(|(key, _)| key.clone());
+                if let Some(victim) = victim {
+                    self.entries.remove(&victim);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while a shard was locked cannot leave an entry half-written (every update is a
+    // single insert or field store), so the data is still consistent.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The background thread that frees expired entries; woken to exit when the store is dropped.
+struct Sweeper {
+    thread: Option<Thread>,
+}
+
+impl Sweeper {
+    fn start(inner: Weak<Inner>, interval: Duration) -> Self {
+        let spawned = std::thread::Builder::new()
+            .name("session-memory-sweeper".to_owned())
+            .spawn(move || {
+                loop {
+                    std::thread::park_timeout(interval);
+                    match inner.upgrade() {
+                        Some(inner) => inner.sweep(),
+                        None => return,
+                    }
+                }
+            });
+        Self {
+            thread: spawned.ok().map(|handle| handle.thread().clone()),
+        }
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        if let Some(thread) = &self.thread {
+            thread.unpark();
+        }
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    async fn create(
+        &self,
+        key: &StorageKey,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Version, StoreError> {
+        check_ttl(ttl)?;
+        let bytes: Arc<[u8]> = encode_record_within(record, self.inner.max_record_size)?.into();
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        if shard.live(key, now).is_some() {
+            return Err(StoreError::AlreadyExists);
+        }
+        shard.make_room(self.inner.per_shard_cap, self.inner.on_full, now)?;
+        let version = shard.next_version();
+        shard.entries.insert(
+            key.clone(),
+            Entry {
+                bytes,
+                version,
+                expires_at: now + ttl,
+            },
+        );
+        Ok(Version::new(version))
+    }
+
+    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+        let now = Instant::now();
+        let found = self
+            .shard(key)
+            .live(key, now)
+            .map(|entry| (Arc::clone(&entry.bytes), entry.version, entry.expires_at));
+        let Some((bytes, version, expires_at)) = found else {
+            return Ok(None);
+        };
+        Ok(Some(LoadedRecord {
+            record: decode_record(&bytes)?,
+            version: Version::new(version),
+            expires_in: Some(expires_at.saturating_duration_since(now)),
+        }))
+    }
+
+    async fn save(
+        &self,
+        key: &StorageKey,
+        record: &Record,
+        ttl: Duration,
+        version: Version,
+    ) -> Result<Version, StoreError> {
+        check_ttl(ttl)?;
+        let bytes: Arc<[u8]> = encode_record_within(record, self.inner.max_record_size)?.into();
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        let next = shard.last_version + 1;
+        let entry = shard.live(key, now).ok_or(StoreError::NotFound)?;
+        if entry.version != version.get() {
+            return Err(StoreError::Conflict);
+        }
+        *entry = Entry {
+            bytes,
+            version: next,
+            expires_at: now + ttl,
+        };
+        shard.last_version = next;
+        Ok(Version::new(next))
+    }
+
+    async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
+        check_ttl(ttl)?;
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        Ok(shard
+            .live(key, now)
+            .map(|entry| entry.expires_at = now + ttl)
+            .is_some())
+    }
+
+    async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
+        self.shard(key).entries.remove(key);
+        Ok(())
+    }
+
+    fn max_record_size(&self) -> usize {
+        self.inner.max_record_size
+    }
+}

@@ -1,0 +1,522 @@
+//! The cases. Each one panics (fails its test) when the store breaks the contract written in
+//! `session_core::store`.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use session_core::codec::encoded_record_len;
+use session_core::store::{MAX_TTL, MIN_TTL};
+use session_core::{
+    CommitStatus, KeyRing, Record, SessionConfig, SessionManager, SessionStore, SigningKey,
+    StoreError,
+};
+use tokio::task::JoinSet;
+
+use crate::new_key;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A record with the value `name` = `bytes`, at a fixed creation time so records compare equal.
+pub fn record_with(name: &str, bytes: &[u8]) -> Record {
+    let mut record = Record::new(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    record.set_value(name, bytes.to_vec());
+    record
+}
+
+fn load_err<T>(result: Result<T, StoreError>) -> StoreError {
+    match result {
+        Ok(_) => panic!("expected an error, the operation succeeded"),
+        Err(e) => e,
+    }
+}
+
+/// A created record loads back equal, with the version `create` returned and a sane TTL.
+pub async fn create_load_round_trip<S: SessionStore + Clone + 'static>(store: S) {
+    let key = new_key();
+    let mut record = record_with("user", b"alice");
+    record.set_value("n", vec![1, 2, 3]);
+    record.set_absolute_deadline(Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000)));
+    let version = store.create(&key, &record, 10 * MINUTE).await.unwrap();
+    let loaded = store.load(&key).await.unwrap().expect("created record loads");
+    assert_eq!(loaded.record, record);
+    assert_eq!(loaded.version, version);
+    if let Some(left) = loaded.expires_in {
+        assert!(left <= 10 * MINUTE, "expires_in {left:?} beyond the TTL");
+        assert!(left >= 10 * MINUTE - 5 * MIN_TTL, "expires_in {left:?} far below the TTL");
+    }
+}
+
+/// `create` on an existing key is `AlreadyExists` and leaves the entry as it was.
+pub async fn create_never_overwrites<S: SessionStore + Clone + 'static>(store: S) {
+    let key = new_key();
+    let first = record_with("who", b"first");
+    let version = store.create(&key, &first, MINUTE).await.unwrap();
+    let error = load_err(store.create(&key, &record_with("who", b"second"), MINUTE).await);
+    assert!(matches!(error, StoreError::AlreadyExists), "got {error:?}");
+    let loaded = store.load(&key).await.unwrap().unwrap();
+    assert_eq!(loaded.record, first);
+    assert_eq!(loaded.version, version);
+}
+
+/// Loading a key that was never written is `None`.
+pub async fn load_of_missing_key_is_none<S: SessionStore + Clone + 'static>(store: S) {
+    assert!(store.load(&new_key()).await.unwrap().is_none());
+}
+
+/// A save with the current version succeeds with a new version; a save with an older one is
+/// `Conflict` and writes nothing.
+pub async fn save_with_stale_version_is_conflict<S: SessionStore + Clone + 'static>(store: S) {
+    let key = new_key();
+    let v1 = store
+        .create(&key, &record_with("n", b"1"), MINUTE)
+        .await
+        .unwrap();
+    let v2 = store
+        .save(&key, &record_with("n", b"2"), MINUTE, v1)
+        .await
+        .unwrap();
+    assert_ne!(v1, v2, "a save must change the version");
+    let error = load_err(store.save(&key, &record_with("n", b"3"), MINUTE, v1).await);
+    assert!(matches!(error, StoreError::Conflict), "got {error:?}");
+    let loaded = store.load(&key).await.unwrap().unwrap();
+    assert_eq!(loaded.record, record_with("n", b"2"));
+    assert_eq!(loaded.version, v2);
+    let v3 = store
+        .save(&key, &record_with("n", b"3"), MINUTE, v2)
+        .await
+        .unwrap();
+    assert!(v3 != v2 && v3 != v1);
+    assert_eq!(
+        store.load(&key).await.unwrap().unwrap().record,
+        record_with("n", b"3")
+    );
+}
+
+/// A save after a delete is `NotFound` and does not bring the session back.
+pub async fn save_after_delete_is_not_found_and_recreates_nothing<
+    S: SessionStore + Clone + 'static,
+>(
+    store: S,
+) {
+    let key = new_key();
+    let version = store
+        .create(&key, &record_with("n", b"1"), MINUTE)
+        .await
+        .unwrap();
+    store.delete(&key).await.unwrap();
+    let error = load_err(
+        store
+            .save(&key, &record_with("n", b"2"), MINUTE, version)
+            .await,
+    );
+    assert!(matches!(error, StoreError::NotFound), "got {error:?}");
+    assert!(store.load(&key).await.unwrap().is_none(), "save resurrected a deleted session");
+    // A key that never existed behaves the same.
+    let never = new_key();
+    let error = load_err(
+        store
+            .save(&never, &record_with("n", b"2"), MINUTE, version)
+            .await,
+    );
+    assert!(matches!(error, StoreError::NotFound), "got {error:?}");
+    assert!(store.load(&never).await.unwrap().is_none());
+}
+
+/// A version taken before a delete does not match an entry created again under the same key.
+pub async fn old_version_does_not_match_a_recreated_entry<S: SessionStore + Clone + 'static>(
+    store: S,
+) {
+    let key = new_key();
+    let old = store
+        .create(&key, &record_with("n", b"old"), MINUTE)
+        .await
+        .unwrap();
+    store.delete(&key).await.unwrap();
+    let new = store
+        .create(&key, &record_with("n", b"new"), MINUTE)
+        .await
+        .unwrap();
+    assert_ne!(old, new, "a re-created entry reused an old version");
+    let error = load_err(
+        store
+            .save(&key, &record_with("n", b"stale"), MINUTE, old)
+            .await,
+    );
+    assert!(matches!(error, StoreError::Conflict), "got {error:?}");
+    assert_eq!(
+        store.load(&key).await.unwrap().unwrap().record,
+        record_with("n", b"new")
+    );
+}
+
+/// `touch` keeps an entry alive past its first TTL, with its data and version unchanged.
+pub async fn touch_extends_expiry_without_changing_data<S: SessionStore + Clone + 'static>(
+    store: S,
+) {
+    let key = new_key();
+    let record = record_with("keep", b"me");
+    let version = store.create(&key, &record, 2 * MIN_TTL).await.unwrap();
+    assert!(store.touch(&key, MINUTE).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let loaded = store
+        .load(&key)
+        .await
+        .unwrap()
+        .expect("a touched entry outlives its first TTL");
+    assert_eq!(loaded.record, record);
+    assert_eq!(loaded.version, version, "touch must not change the version");
+    if let Some(left) = loaded.expires_in {
+        assert!(left > MINUTE - 10 * MIN_TTL, "touch did not extend: {left:?} left");
+    }
+    // The version from before the touch still saves.
+    store
+        .save(&key, &record_with("keep", b"changed"), MINUTE, version)
+        .await
+        .unwrap();
+}
+
+/// `touch` of a missing key is `false` and creates nothing.
+pub async fn touch_of_missing_key_is_false_and_creates_nothing<
+    S: SessionStore + Clone + 'static,
+>(
+    store: S,
+) {
+    let key = new_key();
+    assert!(!store.touch(&key, MINUTE).await.unwrap());
+    assert!(store.load(&key).await.unwrap().is_none());
+    store
+        .create(&key, &record_with("n", b"1"), MINUTE)
+        .await
+        .unwrap();
+    store.delete(&key).await.unwrap();
+    assert!(!store.touch(&key, MINUTE).await.unwrap());
+    assert!(store.load(&key).await.unwrap().is_none());
+}
+
+/// Deleting removes the entry; deleting again, or deleting a missing key, succeeds.
+pub async fn delete_is_idempotent<S: SessionStore + Clone + 'static>(store: S) {
+    let key = new_key();
+    store
+        .create(&key, &record_with("n", b"1"), MINUTE)
+        .await
+        .unwrap();
+    store.delete(&key).await.unwrap();
+    assert!(store.load(&key).await.unwrap().is_none());
+    store.delete(&key).await.unwrap();
+    store.delete(&new_key()).await.unwrap();
+    // The key is free again.
+    store
+        .create(&key, &record_with("n", b"2"), MINUTE)
+        .await
+        .unwrap();
+}
+
+/// An entry is gone once its TTL has passed: not loaded, not saved, not touched, and its key
+/// can be created again.
+pub async fn idle_expiry_is_honored<S: SessionStore + Clone + 'static>(store: S) {
+    let key = new_key();
+    let version = store
+        .create(&key, &record_with("n", b"1"), MIN_TTL)
+        .await
+        .unwrap();
+    assert!(store.load(&key).await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(store.load(&key).await.unwrap().is_none(), "expired entry returned");
+    let error = load_err(
+        store
+            .save(&key, &record_with("n", b"2"), MINUTE, version)
+            .await,
+    );
+    assert!(matches!(error, StoreError::NotFound), "got {error:?}");
+    assert!(!store.touch(&key, MINUTE).await.unwrap());
+    assert!(store.load(&key).await.unwrap().is_none());
+    store
+        .create(&key, &record_with("n", b"3"), MINUTE)
+        .await
+        .unwrap();
+}
+
+/// TTLs of weeks and months (up to the contract's maximum) keep entries and report them.
+pub async fn long_timeouts_are_honored<S: SessionStore + Clone + 'static>(store: S) {
+    for ttl in [7 * DAY, 30 * DAY, 31 * DAY, 90 * DAY, MAX_TTL] {
+        let key = new_key();
+        let record = record_with("ttl", &ttl.as_secs().to_le_bytes());
+        let version = store.create(&key, &record, ttl).await.unwrap();
+        let loaded = store.load(&key).await.unwrap().expect("long-lived entry loads");
+        assert_eq!(loaded.record, record);
+        if let Some(left) = loaded.expires_in {
+            assert!(left > ttl - MINUTE && left <= ttl, "{ttl:?}: {left:?} left");
+        }
+        let version = store.save(&key, &record, ttl, version).await.unwrap();
+        assert!(store.touch(&key, ttl).await.unwrap());
+        let loaded = store.load(&key).await.unwrap().expect("still there after touch");
+        assert_eq!(loaded.version, version);
+        if let Some(left) = loaded.expires_in {
+            assert!(left > ttl - MINUTE && left <= ttl, "{ttl:?} after touch: {left:?} left");
+        }
+        store.delete(&key).await.unwrap();
+    }
+}
+
+/// TTLs below one second or above the maximum are `InvalidTtl` and write nothing.
+pub async fn ttl_outside_the_contract_range_is_rejected<S: SessionStore + Clone + 'static>(
+    store: S,
+) {
+    let key = new_key();
+    for ttl in [Duration::ZERO, MIN_TTL / 2, MAX_TTL + MIN_TTL] {
+        let error = load_err(store.create(&key, &record_with("n", b"1"), ttl).await);
+        assert!(matches!(error, StoreError::InvalidTtl { .. }), "got {error:?}");
+        assert!(store.load(&key).await.unwrap().is_none());
+    }
+    let version = store
+        .create(&key, &record_with("n", b"1"), MINUTE)
+        .await
+        .unwrap();
+    let error = load_err(
+        store
+            .save(&key, &record_with("n", b"2"), Duration::ZERO, version)
+            .await,
+    );
+    assert!(matches!(error, StoreError::InvalidTtl { .. }), "got {error:?}");
+    let error = load_err(store.touch(&key, MAX_TTL + MIN_TTL).await);
+    assert!(matches!(error, StoreError::InvalidTtl { .. }), "got {error:?}");
+    let loaded = store.load(&key).await.unwrap().unwrap();
+    assert_eq!(loaded.record, record_with("n", b"1"));
+    assert_eq!(loaded.version, version);
+}
+
+/// A record whose encoding is exactly `size` bytes.
+pub fn record_of_encoded_size(size: usize) -> Record {
+    let mut value_len = size;
+    let base = loop {
+        let record = record_with("v", &vec![0xa5; value_len]);
+        let len = encoded_record_len(&record).unwrap();
+        if len <= size {
+            break len;
+        }
+        value_len -= (len - size).min(value_len);
+    };
+    // Pad with the name's length, which adds exactly one byte per character below 251.
+    let name = format!("v{}", "x".repeat(size - base));
+    let record = record_with(&name, &vec![0xa5; value_len]);
+    assert_eq!(encoded_record_len(&record).unwrap(), size);
+    record
+}
+
+/// A record of exactly the store's limit is stored; one byte more is `TooLarge` and nothing is
+/// written, for create and for save.
+pub async fn record_at_the_size_limit_works_and_over_it_is_rejected<
+    S: SessionStore + Clone + 'static,
+>(
+    store: S,
+) {
+    let limit = store.max_record_size();
+    let at_limit = record_of_encoded_size(limit);
+    let over_limit = record_of_encoded_size(limit + 1);
+
+    let key = new_key();
+    let version = store.create(&key, &at_limit, MINUTE).await.unwrap();
+    assert_eq!(store.load(&key).await.unwrap().unwrap().record, at_limit);
+
+    let missing = new_key();
+    let error = load_err(store.create(&missing, &over_limit, MINUTE).await);
+    assert!(
+        matches!(error, StoreError::TooLarge { size, limit: l } if size == limit + 1 && l == limit),
+        "got {error:?}"
+    );
+    assert!(store.load(&missing).await.unwrap().is_none());
+
+    let error = load_err(store.save(&key, &over_limit, MINUTE, version).await);
+    assert!(matches!(error, StoreError::TooLarge { .. }), "got {error:?}");
+    let loaded = store.load(&key).await.unwrap().unwrap();
+    assert_eq!(loaded.record, at_limit);
+    assert_eq!(loaded.version, version);
+    store.delete(&key).await.unwrap();
+}
+
+/// Every byte value, protocol-looking bytes and non-ASCII names survive a round trip.
+pub async fn binary_safe_values<S: SessionStore + Clone + 'static>(store: S) {
+    let mut record = record_with("all bytes", &(0..=255u8).collect::<Vec<_>>());
+    record.set_value("protocol", b"END\r\nVALUE x 0 1\r\n\0$-1\r\n*3\r\n".to_vec());
+    record.set_value("empty", Vec::new());
+    record.set_value("ключ 🔑\n", vec![0, 0, 0]);
+    record.set_value("", vec![0xff; 1000]);
+    let key = new_key();
+    let version = store.create(&key, &record, MINUTE).await.unwrap();
+    assert_eq!(store.load(&key).await.unwrap().unwrap().record, record);
+    record.set_value("protocol", b"\r\n\r\n".to_vec());
+    store.save(&key, &record, MINUTE, version).await.unwrap();
+    assert_eq!(store.load(&key).await.unwrap().unwrap().record, record);
+}
+
+/// Five thousand sessions, created by many tasks at once, all load back with their own data.
+pub async fn thousands_of_sessions<S: SessionStore + Clone + 'static>(store: S) {
+    const TASKS: usize = 50;
+    const PER_TASK: usize = 100;
+    let mut tasks = JoinSet::new();
+    for task in 0..TASKS {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut keys = Vec::with_capacity(PER_TASK);
+            for i in 0..PER_TASK {
+                let key = new_key();
+                let tag = format!("{task}:{i}");
+                store
+                    .create(&key, &record_with("tag", tag.as_bytes()), 10 * MINUTE)
+                    .await
+                    .unwrap();
+                keys.push((key, tag));
+            }
+            keys
+        });
+    }
+    let mut all = Vec::with_capacity(TASKS * PER_TASK);
+    while let Some(keys) = tasks.join_next().await {
+        all.extend(keys.unwrap());
+    }
+    assert_eq!(all.len(), TASKS * PER_TASK);
+    for (key, tag) in &all {
+        let loaded = store.load(key).await.unwrap().expect("every session loads");
+        assert_eq!(loaded.record, record_with("tag", tag.as_bytes()));
+    }
+    for (key, _) in &all {
+        store.delete(key).await.unwrap();
+    }
+}
+
+/// Sixteen tasks create the same key at once: exactly one succeeds, and its record is stored.
+pub async fn concurrent_creates_have_one_winner<S: SessionStore + Clone + 'static>(store: S) {
+    let key = new_key();
+    let mut tasks = JoinSet::new();
+    for task in 0..16u8 {
+        let (store, key) = (store.clone(), key.clone());
+        tasks.spawn(async move {
+            let result = store.create(&key, &record_with("n", &[task]), MINUTE).await;
+            (task, result)
+        });
+    }
+    let mut winners = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined.unwrap() {
+            (task, Ok(version)) => winners.push((task, version)),
+            (_, Err(StoreError::AlreadyExists)) => {}
+            (_, Err(other)) => panic!("unexpected error {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let loaded = store.load(&key).await.unwrap().unwrap();
+    assert_eq!(loaded.record, record_with("n", &[winners[0].0]));
+    assert_eq!(loaded.version, winners[0].1);
+}
+
+/// Sixteen tasks save against the same version at once: exactly one succeeds.
+pub async fn concurrent_saves_have_one_winner<S: SessionStore + Clone + 'static>(store: S) {
+    let key = new_key();
+    let version = store
+        .create(&key, &record_with("n", b"start"), MINUTE)
+        .await
+        .unwrap();
+    let mut tasks = JoinSet::new();
+    for task in 0..16u8 {
+        let (store, key) = (store.clone(), key.clone());
+        tasks.spawn(async move {
+            let result = store
+                .save(&key, &record_with("n", &[task]), MINUTE, version)
+                .await;
+            (task, result)
+        });
+    }
+    let mut winners = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined.unwrap() {
+            (task, Ok(version)) => winners.push((task, version)),
+            (_, Err(StoreError::Conflict)) => {}
+            (_, Err(other)) => panic!("unexpected error {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let loaded = store.load(&key).await.unwrap().unwrap();
+    assert_eq!(loaded.record, record_with("n", &[winners[0].0]));
+    assert_eq!(loaded.version, winners[0].1);
+}
+
+/// Random sequences of operations on a few keys agree with a reference model (proptest).
+pub async fn model_based_operations<S: SessionStore + Clone + 'static>(store: S) {
+    crate::model::check_against_model(store, 64).await;
+}
+
+fn test_manager<S: SessionStore + 'static>(store: S) -> SessionManager {
+    let keys = KeyRing::single(SigningKey::generate().unwrap());
+    SessionManager::new(Arc::new(store), SessionConfig::new(keys)).unwrap()
+}
+
+/// Through the manager, 32 tasks each set their own key 50 times on one session at once; every
+/// last value persists (conflicts are replayed, never lost).
+pub async fn manager_concurrent_commits_lose_no_update<S: SessionStore + Clone + 'static>(
+    store: S,
+) {
+    const TASKS: u32 = 32;
+    const ROUNDS: u32 = 50;
+    let manager = test_manager(store);
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("owner", "conformance").unwrap();
+    let cookie = manager.commit(session).await.unwrap().cookie.unwrap().value;
+
+    let mut tasks = JoinSet::new();
+    for task in 0..TASKS {
+        let (manager, cookie) = (manager.clone(), cookie.clone());
+        tasks.spawn(async move {
+            for round in 1..=ROUNDS {
+                let mut session = manager.load(Some(&cookie)).await.unwrap();
+                assert!(!session.is_new(), "the session vanished");
+                session.insert(&format!("task-{task}"), &round).unwrap();
+                let outcome = manager.commit(session).await.unwrap();
+                assert_eq!(outcome.status, CommitStatus::Saved);
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.unwrap();
+    }
+    let session = manager.load(Some(&cookie)).await.unwrap();
+    assert_eq!(session.get::<String>("owner").unwrap().as_deref(), Some("conformance"));
+    for task in 0..TASKS {
+        assert_eq!(
+            session.get::<u32>(&format!("task-{task}")).unwrap(),
+            Some(ROUNDS),
+            "task {task} lost an update"
+        );
+    }
+}
+
+/// The manager's whole flow on this store: create, load, change, cycle, destroy.
+pub async fn manager_request_flow<S: SessionStore + Clone + 'static>(store: S) {
+    let manager = test_manager(store);
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("user", "alice").unwrap();
+    let created = manager.commit(session).await.unwrap();
+    assert_eq!(created.status, CommitStatus::Created);
+    let first = created.cookie.unwrap().value;
+
+    let mut session = manager.load(Some(&first)).await.unwrap();
+    assert_eq!(session.get::<String>("user").unwrap().as_deref(), Some("alice"));
+    session.insert("visits", &2u32).unwrap();
+    assert_eq!(manager.commit(session).await.unwrap().status, CommitStatus::Saved);
+
+    let mut session = manager.load(Some(&first)).await.unwrap();
+    session.cycle_id();
+    let cycled = manager.commit(session).await.unwrap();
+    assert_eq!(cycled.status, CommitStatus::Cycled);
+    let second = cycled.cookie.unwrap().value;
+    assert_ne!(first, second);
+    assert!(manager.load(Some(&first)).await.unwrap().is_new(), "old id still works");
+
+    let mut session = manager.load(Some(&second)).await.unwrap();
+    assert_eq!(session.get::<u32>("visits").unwrap(), Some(2));
+    session.destroy();
+    let destroyed = manager.commit(session).await.unwrap();
+    assert_eq!(destroyed.status, CommitStatus::Destroyed);
+    assert!(destroyed.cookie.unwrap().is_removal());
+    assert!(manager.load(Some(&second)).await.unwrap().is_new());
+}
