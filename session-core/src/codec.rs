@@ -104,7 +104,8 @@ pub fn encode_record_within(record: &Record, limit: usize) -> Result<Vec<u8>, cr
 /// The length [`encode_record`] would produce, computed without allocating.
 pub fn encoded_record_len(record: &Record) -> Result<usize, EncodeError> {
     let mut counter = bincode::enc::write::SizeWriter::default();
-    bincode::serde::encode_into_writer(record, &mut counter, codec_config()).map_err(EncodeError)?;
+    bincode::serde::encode_into_writer(record, &mut counter, codec_config())
+        .map_err(EncodeError)?;
     Ok(1 + counter.bytes_written)
 }
 
@@ -128,8 +129,8 @@ pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError>
 }
 
 fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    let (value, read) = bincode::serde::decode_from_slice(bytes, codec_config())
-        .map_err(DecodeError::Malformed)?;
+    let (value, read) =
+        bincode::serde::decode_from_slice(bytes, codec_config()).map_err(DecodeError::Malformed)?;
     if read != bytes.len() {
         return Err(DecodeError::TrailingBytes {
             count: bytes.len() - read,
@@ -180,7 +181,9 @@ mod tests {
             Err(DecodeError::TrailingBytes { count: 1 })
         ));
         // A length prefix claiming a huge map must fail without allocating it.
-        let huge = [FORMAT_V1, 0, 0, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+        let huge = [
+            FORMAT_V1, 0, 0, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+        ];
         assert!(decode_record(&huge).is_err());
     }
 

@@ -110,11 +110,16 @@ impl CookieConfig {
         if self.name.is_empty() || !self.name.bytes().all(is_token) {
             return Err(ConfigError::InvalidCookieName);
         }
-        let is_attribute = |text: &str| text.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b';');
+        let is_attribute =
+            |text: &str| text.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b';');
         if !is_attribute(&self.path) {
             return Err(ConfigError::InvalidCookieAttribute { attribute: "path" });
         }
-        if self.domain.as_deref().is_some_and(|d| d.is_empty() || !is_attribute(d)) {
+        if self
+            .domain
+            .as_deref()
+            .is_some_and(|d| d.is_empty() || !is_attribute(d))
+        {
             return Err(ConfigError::InvalidCookieAttribute {
                 attribute: "domain",
             });
@@ -265,9 +270,24 @@ mod tests {
 
     #[test]
     fn out_of_range_settings_are_rejected() {
-        assert!(config().idle_timeout(Duration::from_millis(999)).validate().is_err());
-        assert!(config().idle_timeout(MAX_TTL + Duration::from_secs(1)).validate().is_err());
-        assert!(config().idle_timeout(Duration::from_secs(90 * 86400)).validate().is_ok());
+        assert!(
+            config()
+                .idle_timeout(Duration::from_millis(999))
+                .validate()
+                .is_err()
+        );
+        assert!(
+            config()
+                .idle_timeout(MAX_TTL + Duration::from_secs(1))
+                .validate()
+                .is_err()
+        );
+        assert!(
+            config()
+                .idle_timeout(Duration::from_secs(90 * 86400))
+                .validate()
+                .is_ok()
+        );
         assert!(
             config()
                 .absolute_timeout(Some(Duration::ZERO))
@@ -287,7 +307,9 @@ mod tests {
         );
         for bad in ["", "a b", "a;b", "sé", "a=b"] {
             assert_eq!(
-                config().cookie(CookieConfig::default().name(bad)).validate(),
+                config()
+                    .cookie(CookieConfig::default().name(bad))
+                    .validate(),
                 Err(ConfigError::InvalidCookieName),
                 "{bad:?}"
             );

@@ -163,7 +163,10 @@ impl fmt::Display for StoreError {
             Self::Conflict => f.write_str("the session was changed by another request"),
             Self::NotFound => f.write_str("the session no longer exists"),
             Self::TooLarge { size, limit } => {
-                write!(f, "the session is {size} bytes encoded; the store's limit is {limit}")
+                write!(
+                    f,
+                    "the session is {size} bytes encoded; the store's limit is {limit}"
+                )
             }
             Self::InvalidTtl { ttl } => write!(
                 f,
@@ -247,12 +250,20 @@ impl fmt::Display for SessionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Store(_) => f.write_str("session store operation failed"),
-            Self::EncodeValue { key, .. } => write!(f, "session value {key:?} could not be encoded"),
+            Self::EncodeValue { key, .. } => {
+                write!(f, "session value {key:?} could not be encoded")
+            }
             Self::DecodeValue { key, .. } => {
-                write!(f, "session value {key:?} could not be decoded as the requested type")
+                write!(
+                    f,
+                    "session value {key:?} could not be decoded as the requested type"
+                )
             }
             Self::TooLarge { size, limit } => {
-                write!(f, "the session is {size} bytes encoded; the maximum is {limit}")
+                write!(
+                    f,
+                    "the session is {size} bytes encoded; the maximum is {limit}"
+                )
             }
             Self::ConflictRetriesExhausted { attempts } => write!(
                 f,

@@ -73,7 +73,14 @@ impl fmt::Debug for CookieDirective {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CookieDirective")
             .field("name", &self.name)
-            .field("value", &if self.value.is_empty() { "" } else { "<redacted>" })
+            .field(
+                "value",
+                &if self.value.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
             .field("max_age", &self.max_age)
             .finish_non_exhaustive()
     }
@@ -234,13 +241,14 @@ impl SessionManager {
     }
 
     /// The time to live a write at `now` gives `record`: the idle timeout, cut to the time left
-    /// before the absolute deadline. `None` when less than the shortest TTL is left.
+    /// before the absolute deadline but never below the shortest TTL (the deadline itself is
+    /// checked on every load). `None` once the deadline has passed.
     fn write_ttl(&self, record: &Record, now: SystemTime) -> Option<Duration> {
         let idle = self.config.idle_timeout;
         match record.absolute_remaining(now) {
             None => Some(idle),
-            Some(left) if left < MIN_TTL => None,
-            Some(left) => Some(idle.min(left)),
+            Some(Duration::ZERO) => None,
+            Some(left) => Some(idle.min(left).max(MIN_TTL)),
         }
     }
 

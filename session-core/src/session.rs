@@ -209,8 +209,10 @@ mod tests {
     #[test]
     fn replay_applies_only_this_requests_changes() {
         let mut s = fresh();
-        s.record.set_value("kept", codec::encode_value(&1u8).unwrap());
-        s.record.set_value("gone", codec::encode_value(&1u8).unwrap());
+        s.record
+            .set_value("kept", codec::encode_value(&1u8).unwrap());
+        s.record
+            .set_value("gone", codec::encode_value(&1u8).unwrap());
         s.insert("mine", &"x").unwrap();
         s.remove("gone");
         let mut newer = Record::new(SystemTime::now());

@@ -122,7 +122,10 @@ impl KeyRing {
 
     /// Signs `id` for the cookie `cookie_name` with the current (first) key.
     pub(crate) fn sign(&self, cookie_name: &str, id: &SessionId) -> String {
-        let tag = self.keys[0].tag(cookie_name, id.as_bytes()).finalize().into_bytes();
+        let tag = self.keys[0]
+            .tag(cookie_name, id.as_bytes())
+            .finalize()
+            .into_bytes();
         let mut value = String::with_capacity(COOKIE_VALUE_LEN);
         value.push_str(&id.encode_text());
         value.push('.');
@@ -238,7 +241,10 @@ mod tests {
         let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let pos = alphabet.iter().position(|&c| c == last_id_char).unwrap();
         bytes[SESSION_ID_TEXT_LEN - 1] = alphabet[pos ^ 1];
-        assert!(ring.verify("sid", std::str::from_utf8(&bytes).unwrap()).is_none());
+        assert!(
+            ring.verify("sid", std::str::from_utf8(&bytes).unwrap())
+                .is_none()
+        );
         assert!(ring.verify("sid", &format!("{value}=")).is_none());
         assert!(ring.verify("sid", &value.replace('.', ":")).is_none());
         assert!(ring.verify("sid", "").is_none());

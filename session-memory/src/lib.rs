@@ -114,10 +114,7 @@ impl MemoryStoreBuilder {
         let default_shards = std::thread::available_parallelism()
             .map_or(4, |n| n.get() * 4)
             .min(64);
-        let shard_count = self
-            .shards
-            .unwrap_or(default_shards)
-            .min(self.max_sessions);
+        let shard_count = self.shards.unwrap_or(default_shards).min(self.max_sessions);
         let inner = Arc::new(Inner {
             shards: (0..shard_count).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
@@ -125,10 +122,7 @@ impl MemoryStoreBuilder {
             max_record_size: self.max_record_size,
             on_full: self.on_full,
         });
-        let sweeper = Arc::new(Sweeper::start(
-            Arc::downgrade(&inner),
-            self.sweep_interval,
-        ));
+        let sweeper = Arc::new(Sweeper::start(Arc::downgrade(&inner), self.sweep_interval));
         MemoryStore { inner, sweeper }
     }
 }
@@ -178,7 +172,11 @@ impl MemoryStore {
 
     /// How many entries are held in memory now, including expired ones not yet swept.
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| lock(s).entries.len()).sum()
+        self.inner
+            .shards
+            .iter()
+            .map(|s| lock(s).entries.len())
+            .sum()
     }
 
     /// Whether no entry is held.

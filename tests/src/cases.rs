@@ -38,12 +38,19 @@ pub async fn create_load_round_trip<S: SessionStore + Clone + 'static>(store: S)
     record.set_value("n", vec![1, 2, 3]);
     record.set_absolute_deadline(Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000)));
     let version = store.create(&key, &record, 10 * MINUTE).await.unwrap();
-    let loaded = store.load(&key).await.unwrap().expect("created record loads");
+    let loaded = store
+        .load(&key)
+        .await
+        .unwrap()
+        .expect("created record loads");
     assert_eq!(loaded.record, record);
     assert_eq!(loaded.version, version);
     if let Some(left) = loaded.expires_in {
         assert!(left <= 10 * MINUTE, "expires_in {left:?} beyond the TTL");
-        assert!(left >= 10 * MINUTE - 5 * MIN_TTL, "expires_in {left:?} far below the TTL");
+        assert!(
+            left >= 10 * MINUTE - 5 * MIN_TTL,
+            "expires_in {left:?} far below the TTL"
+        );
     }
 }
 
@@ -52,7 +59,11 @@ pub async fn create_never_overwrites<S: SessionStore + Clone + 'static>(store: S
     let key = new_key();
     let first = record_with("who", b"first");
     let version = store.create(&key, &first, MINUTE).await.unwrap();
-    let error = load_err(store.create(&key, &record_with("who", b"second"), MINUTE).await);
+    let error = load_err(
+        store
+            .create(&key, &record_with("who", b"second"), MINUTE)
+            .await,
+    );
     assert!(matches!(error, StoreError::AlreadyExists), "got {error:?}");
     let loaded = store.load(&key).await.unwrap().unwrap();
     assert_eq!(loaded.record, first);
@@ -111,7 +122,10 @@ pub async fn save_after_delete_is_not_found_and_recreates_nothing<
             .await,
     );
     assert!(matches!(error, StoreError::NotFound), "got {error:?}");
-    assert!(store.load(&key).await.unwrap().is_none(), "save resurrected a deleted session");
+    assert!(
+        store.load(&key).await.unwrap().is_none(),
+        "save resurrected a deleted session"
+    );
     // A key that never existed behaves the same.
     let never = new_key();
     let error = load_err(
@@ -167,7 +181,10 @@ pub async fn touch_extends_expiry_without_changing_data<S: SessionStore + Clone 
     assert_eq!(loaded.record, record);
     assert_eq!(loaded.version, version, "touch must not change the version");
     if let Some(left) = loaded.expires_in {
-        assert!(left > MINUTE - 10 * MIN_TTL, "touch did not extend: {left:?} left");
+        assert!(
+            left > MINUTE - 10 * MIN_TTL,
+            "touch did not extend: {left:?} left"
+        );
     }
     // The version from before the touch still saves.
     store
@@ -222,7 +239,10 @@ pub async fn idle_expiry_is_honored<S: SessionStore + Clone + 'static>(store: S)
         .unwrap();
     assert!(store.load(&key).await.unwrap().is_some());
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert!(store.load(&key).await.unwrap().is_none(), "expired entry returned");
+    assert!(
+        store.load(&key).await.unwrap().is_none(),
+        "expired entry returned"
+    );
     let error = load_err(
         store
             .save(&key, &record_with("n", b"2"), MINUTE, version)
@@ -243,17 +263,28 @@ pub async fn long_timeouts_are_honored<S: SessionStore + Clone + 'static>(store:
         let key = new_key();
         let record = record_with("ttl", &ttl.as_secs().to_le_bytes());
         let version = store.create(&key, &record, ttl).await.unwrap();
-        let loaded = store.load(&key).await.unwrap().expect("long-lived entry loads");
+        let loaded = store
+            .load(&key)
+            .await
+            .unwrap()
+            .expect("long-lived entry loads");
         assert_eq!(loaded.record, record);
         if let Some(left) = loaded.expires_in {
             assert!(left > ttl - MINUTE && left <= ttl, "{ttl:?}: {left:?} left");
         }
         let version = store.save(&key, &record, ttl, version).await.unwrap();
         assert!(store.touch(&key, ttl).await.unwrap());
-        let loaded = store.load(&key).await.unwrap().expect("still there after touch");
+        let loaded = store
+            .load(&key)
+            .await
+            .unwrap()
+            .expect("still there after touch");
         assert_eq!(loaded.version, version);
         if let Some(left) = loaded.expires_in {
-            assert!(left > ttl - MINUTE && left <= ttl, "{ttl:?} after touch: {left:?} left");
+            assert!(
+                left > ttl - MINUTE && left <= ttl,
+                "{ttl:?} after touch: {left:?} left"
+            );
         }
         store.delete(&key).await.unwrap();
     }
@@ -266,7 +297,10 @@ pub async fn ttl_outside_the_contract_range_is_rejected<S: SessionStore + Clone 
     let key = new_key();
     for ttl in [Duration::ZERO, MIN_TTL / 2, MAX_TTL + MIN_TTL] {
         let error = load_err(store.create(&key, &record_with("n", b"1"), ttl).await);
-        assert!(matches!(error, StoreError::InvalidTtl { .. }), "got {error:?}");
+        assert!(
+            matches!(error, StoreError::InvalidTtl { .. }),
+            "got {error:?}"
+        );
         assert!(store.load(&key).await.unwrap().is_none());
     }
     let version = store
@@ -278,9 +312,15 @@ pub async fn ttl_outside_the_contract_range_is_rejected<S: SessionStore + Clone 
             .save(&key, &record_with("n", b"2"), Duration::ZERO, version)
             .await,
     );
-    assert!(matches!(error, StoreError::InvalidTtl { .. }), "got {error:?}");
+    assert!(
+        matches!(error, StoreError::InvalidTtl { .. }),
+        "got {error:?}"
+    );
     let error = load_err(store.touch(&key, MAX_TTL + MIN_TTL).await);
-    assert!(matches!(error, StoreError::InvalidTtl { .. }), "got {error:?}");
+    assert!(
+        matches!(error, StoreError::InvalidTtl { .. }),
+        "got {error:?}"
+    );
     let loaded = store.load(&key).await.unwrap().unwrap();
     assert_eq!(loaded.record, record_with("n", b"1"));
     assert_eq!(loaded.version, version);
@@ -328,7 +368,10 @@ pub async fn record_at_the_size_limit_works_and_over_it_is_rejected<
     assert!(store.load(&missing).await.unwrap().is_none());
 
     let error = load_err(store.save(&key, &over_limit, MINUTE, version).await);
-    assert!(matches!(error, StoreError::TooLarge { .. }), "got {error:?}");
+    assert!(
+        matches!(error, StoreError::TooLarge { .. }),
+        "got {error:?}"
+    );
     let loaded = store.load(&key).await.unwrap().unwrap();
     assert_eq!(loaded.record, at_limit);
     assert_eq!(loaded.version, version);
@@ -338,7 +381,10 @@ pub async fn record_at_the_size_limit_works_and_over_it_is_rejected<
 /// Every byte value, protocol-looking bytes and non-ASCII names survive a round trip.
 pub async fn binary_safe_values<S: SessionStore + Clone + 'static>(store: S) {
     let mut record = record_with("all bytes", &(0..=255u8).collect::<Vec<_>>());
-    record.set_value("protocol", b"END\r\nVALUE x 0 1\r\n\0$-1\r\n*3\r\n".to_vec());
+    record.set_value(
+        "protocol",
+        b"END\r\nVALUE x 0 1\r\n\0$-1\r\n*3\r\n".to_vec(),
+    );
     record.set_value("empty", Vec::new());
     record.set_value("ключ 🔑\n", vec![0, 0, 0]);
     record.set_value("", vec![0xff; 1000]);
@@ -480,7 +526,10 @@ pub async fn manager_concurrent_commits_lose_no_update<S: SessionStore + Clone +
         joined.unwrap();
     }
     let session = manager.load(Some(&cookie)).await.unwrap();
-    assert_eq!(session.get::<String>("owner").unwrap().as_deref(), Some("conformance"));
+    assert_eq!(
+        session.get::<String>("owner").unwrap().as_deref(),
+        Some("conformance")
+    );
     for task in 0..TASKS {
         assert_eq!(
             session.get::<u32>(&format!("task-{task}")).unwrap(),
@@ -500,9 +549,15 @@ pub async fn manager_request_flow<S: SessionStore + Clone + 'static>(store: S) {
     let first = created.cookie.unwrap().value;
 
     let mut session = manager.load(Some(&first)).await.unwrap();
-    assert_eq!(session.get::<String>("user").unwrap().as_deref(), Some("alice"));
+    assert_eq!(
+        session.get::<String>("user").unwrap().as_deref(),
+        Some("alice")
+    );
     session.insert("visits", &2u32).unwrap();
-    assert_eq!(manager.commit(session).await.unwrap().status, CommitStatus::Saved);
+    assert_eq!(
+        manager.commit(session).await.unwrap().status,
+        CommitStatus::Saved
+    );
 
     let mut session = manager.load(Some(&first)).await.unwrap();
     session.cycle_id();
@@ -510,7 +565,10 @@ pub async fn manager_request_flow<S: SessionStore + Clone + 'static>(store: S) {
     assert_eq!(cycled.status, CommitStatus::Cycled);
     let second = cycled.cookie.unwrap().value;
     assert_ne!(first, second);
-    assert!(manager.load(Some(&first)).await.unwrap().is_new(), "old id still works");
+    assert!(
+        manager.load(Some(&first)).await.unwrap().is_new(),
+        "old id still works"
+    );
 
     let mut session = manager.load(Some(&second)).await.unwrap();
     assert_eq!(session.get::<u32>("visits").unwrap(), Some(2));

@@ -54,8 +54,11 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (key.clone(), any::<u8>()).prop_map(|(key, value)| Op::Create { key, value }),
         key.clone().prop_map(|key| Op::Load { key }),
-        (key.clone(), any::<u8>(), any::<bool>())
-            .prop_map(|(key, value, stale)| Op::Save { key, value, stale }),
+        (key.clone(), any::<u8>(), any::<bool>()).prop_map(|(key, value, stale)| Op::Save {
+            key,
+            value,
+            stale
+        }),
         key.clone().prop_map(|key| Op::Touch { key }),
         key.prop_map(|key| Op::Delete { key }),
     ]
@@ -81,7 +84,9 @@ async fn run_sequence<S: SessionStore>(store: &S, ops: &[Op]) -> Result<(), Test
         let at = |what: &str| format!("step {step} {op:?}: {what}");
         match *op {
             Op::Create { key, value } => {
-                let result = store.create(&keys[key], &record_with("v", &[value]), TTL).await;
+                let result = store
+                    .create(&keys[key], &record_with("v", &[value]), TTL)
+                    .await;
                 let m = &mut model[key];
                 match (&m.live, result) {
                     (None, Ok(version)) => {
@@ -98,7 +103,10 @@ async fn run_sequence<S: SessionStore>(store: &S, ops: &[Op]) -> Result<(), Test
                 }
             }
             Op::Load { key } => {
-                let loaded = store.load(&keys[key]).await.map_err(|e| fail(at(&e.to_string())))?;
+                let loaded = store
+                    .load(&keys[key])
+                    .await
+                    .map_err(|e| fail(at(&e.to_string())))?;
                 let got = loaded.map(|l| (l.record, l.version));
                 let expected = model[key]
                     .live
@@ -117,7 +125,11 @@ async fn run_sequence<S: SessionStore>(store: &S, ops: &[Op]) -> Result<(), Test
                             None => continue,
                         }
                     }
-                    (None, _) => m.history.last().copied().unwrap_or(Version::new(u64::MAX / 3)),
+                    (None, _) => m
+                        .history
+                        .last()
+                        .copied()
+                        .unwrap_or(Version::new(u64::MAX / 3)),
                 };
                 let result = store
                     .save(&keys[key], &record_with("v", &[value]), TTL, version)

@@ -111,7 +111,9 @@ impl SessionStore for Faulty {
         if self.defect == Defect::OverwritesOnCreate {
             self.inner.delete(key).await?;
         }
-        self.inner.create(key, &self.mangle(record), self.ttl(ttl)).await
+        self.inner
+            .create(key, &self.mangle(record), self.ttl(ttl))
+            .await
     }
 
     async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {

@@ -1,0 +1,516 @@
+//! The manager's request flow, observed through a store wrapper that counts and logs calls.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use session_core::codec::decode_record;
+use session_core::{
+    CommitStatus, CookieConfig, KeyRing, LoadedRecord, Record, SameSite, SessionConfig,
+    SessionError, SessionManager, SessionStore, SigningKey, StorageKey, StoreError, Version,
+};
+use session_memory::MemoryStore;
+
+/// A `MemoryStore` that records every call, and can be told to fail loads.
+#[derive(Clone, Default)]
+struct Recording {
+    inner: MemoryStore,
+    calls: Arc<Mutex<Vec<&'static str>>>,
+    fail_loads: Arc<AtomicBool>,
+    corrupt_loads: Arc<AtomicBool>,
+}
+
+impl Recording {
+    fn calls(&self) -> Vec<&'static str> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn take_calls(&self) -> Vec<&'static str> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+    fn log(&self, op: &'static str) {
+        self.calls.lock().unwrap().push(op);
+    }
+}
+
+#[async_trait]
+impl SessionStore for Recording {
+    async fn create(&self, k: &StorageKey, r: &Record, t: Duration) -> Result<Version, StoreError> {
+        self.log("create");
+        self.inner.create(k, r, t).await
+    }
+    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+        self.log("load");
+        if self.fail_loads.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend {
+                operation: "load",
+                source: "connection refused".into(),
+            });
+        }
+        if self.corrupt_loads.load(Ordering::SeqCst) {
+            return Err(StoreError::Decode(decode_record(&[0xee, 1]).unwrap_err()));
+        }
+        self.inner.load(key).await
+    }
+    async fn save(
+        &self,
+        k: &StorageKey,
+        r: &Record,
+        t: Duration,
+        v: Version,
+    ) -> Result<Version, StoreError> {
+        self.log("save");
+        self.inner.save(k, r, t, v).await
+    }
+    async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
+        self.log("touch");
+        self.inner.touch(key, ttl).await
+    }
+    async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
+        self.log("delete");
+        self.inner.delete(key).await
+    }
+    fn max_record_size(&self) -> usize {
+        self.inner.max_record_size()
+    }
+}
+
+fn key(byte: u8) -> SigningKey {
+    SigningKey::new([byte; 32]).unwrap()
+}
+
+fn manager_with(store: &Recording, config: SessionConfig) -> SessionManager {
+    SessionManager::new(Arc::new(store.clone()), config).unwrap()
+}
+
+fn manager(store: &Recording) -> SessionManager {
+    manager_with(store, SessionConfig::new(KeyRing::single(key(1))))
+}
+
+/// Creates a session holding `user` = "alice" and returns its cookie value.
+async fn logged_in(manager: &SessionManager) -> String {
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("user", "alice").unwrap();
+    let outcome = manager.commit(session).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Created);
+    outcome.cookie.unwrap().value
+}
+
+/// Cookie values that must never verify: derived from a valid one, or arbitrary.
+fn bad_cookie(valid: String) -> impl Strategy<Value = String> {
+    let len = valid.len();
+    let alphabet: Vec<char> =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ é€\0"
+            .chars()
+            .collect();
+    let v1 = valid.clone();
+    let v2 = valid.clone();
+    let v3 = valid.clone();
+    prop_oneof![
+        // Tampered: one character replaced by a different one.
+        (0..len, proptest::sample::select(alphabet)).prop_filter_map("same char", move |(i, c)| {
+            let original = v1.chars().nth(i).unwrap();
+            (original != c).then(|| {
+                let mut s: Vec<char> = v1.chars().collect();
+                s[i] = c;
+                s.into_iter().collect()
+            })
+        }),
+        // Truncated.
+        (0..len).prop_map(move |end| v2[..end].to_owned()),
+        // Extended.
+        "[ -~é]{1,20}".prop_map(move |tail| format!("{v3}{tail}")),
+        // Arbitrary text, including non-ASCII and control characters.
+        any::<String>(),
+        // The right length and alphabet, but random.
+        "[A-Za-z0-9_-]{22}\\.[A-Za-z0-9_-]{43}",
+        // Oversized.
+        (1000usize..20_000).prop_map(|n| "A".repeat(n)),
+        Just(String::new()),
+        Just(valid.to_uppercase()),
+    ]
+}
+
+#[test]
+fn bad_cookies_give_a_fresh_session_with_zero_store_calls() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = Recording::default();
+    let manager = manager(&store);
+    let valid = runtime.block_on(logged_in(&manager));
+    store.take_calls();
+    let mut runner = TestRunner::new(Config {
+        cases: 2000,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&bad_cookie(valid.clone()), |cookie| {
+            runtime.block_on(async {
+                let session = manager.load(Some(&cookie)).await.unwrap();
+                prop_assert!(session.is_new(), "{cookie:?} was accepted");
+                let outcome = manager.commit(session).await.unwrap();
+                prop_assert_eq!(outcome.status, CommitStatus::Anonymous);
+                prop_assert!(outcome.cookie.is_none());
+                prop_assert_eq!(
+                    store.calls(),
+                    Vec::<&str>::new(),
+                    "{:?} reached the store",
+                    cookie
+                );
+                Ok(())
+            })
+        })
+        .unwrap();
+    // The valid cookie still works, so the property is not vacuous.
+    let session = runtime.block_on(manager.load(Some(&valid))).unwrap();
+    assert!(!session.is_new());
+    assert_eq!(store.calls(), ["load"]);
+}
+
+#[tokio::test]
+async fn anonymous_request_without_data_writes_nothing_and_sets_no_cookie() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let session = manager.load(None).await.unwrap();
+    assert_eq!(session.get::<String>("user").unwrap(), None);
+    let outcome = manager.commit(session).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Anonymous);
+    assert_eq!(outcome.cookie, None);
+    assert!(store.calls().is_empty());
+    assert!(store.inner.is_empty());
+}
+
+#[tokio::test]
+async fn new_session_cookie_has_the_configured_attributes() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("n", &1u8).unwrap();
+    let cookie = manager.commit(session).await.unwrap().cookie.unwrap();
+    assert_eq!(cookie.max_age, Some(Duration::from_secs(3600)));
+    let header = cookie.to_header_value();
+    assert!(header.starts_with(&format!("session={}; Max-Age=3600; Path=/", cookie.value)));
+    assert!(
+        header.contains("; Secure; HttpOnly; SameSite=Lax"),
+        "{header}"
+    );
+
+    let custom = SessionConfig::new(KeyRing::single(key(1))).cookie(
+        CookieConfig::default()
+            .name("sid")
+            .same_site(SameSite::Strict)
+            .secure(false)
+            .persistent(false)
+            .domain(Some("example.com".into())),
+    );
+    let manager = manager_with(&store, custom);
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("n", &1u8).unwrap();
+    let header = manager
+        .commit(session)
+        .await
+        .unwrap()
+        .cookie
+        .unwrap()
+        .to_header_value();
+    assert!(header.starts_with("sid="));
+    assert!(
+        !header.contains("Max-Age") && !header.contains("Secure"),
+        "{header}"
+    );
+    assert!(header.ends_with("; Path=/; Domain=example.com; HttpOnly; SameSite=Strict"));
+}
+
+#[tokio::test]
+async fn key_rotation_accepts_and_resigns_old_cookies_until_the_key_is_removed() {
+    let store = Recording::default();
+    let old = manager_with(&store, SessionConfig::new(KeyRing::single(key(1))));
+    let cookie = logged_in(&old).await;
+
+    let rotated = manager_with(
+        &store,
+        SessionConfig::new(KeyRing::new([key(2), key(1)]).unwrap()),
+    );
+    let session = rotated.load(Some(&cookie)).await.unwrap();
+    assert_eq!(
+        session.get::<String>("user").unwrap().as_deref(),
+        Some("alice")
+    );
+    let outcome = rotated.commit(session).await.unwrap();
+    let resigned = outcome
+        .cookie
+        .expect("an old key's cookie is re-signed")
+        .value;
+    assert_ne!(resigned, cookie);
+    assert_eq!(resigned[..22], cookie[..22], "re-signing keeps the id");
+
+    let removed = manager_with(&store, SessionConfig::new(KeyRing::single(key(2))));
+    store.take_calls();
+    assert!(removed.load(Some(&cookie)).await.unwrap().is_new());
+    assert!(
+        store.take_calls().is_empty(),
+        "a removed key's cookie reached the store"
+    );
+    let session = removed.load(Some(&resigned)).await.unwrap();
+    assert_eq!(
+        session.get::<String>("user").unwrap().as_deref(),
+        Some("alice")
+    );
+    // Once re-signed, an unchanged request sets no cookie.
+    assert_eq!(removed.commit(session).await.unwrap().cookie, None);
+}
+
+#[tokio::test]
+async fn cycle_id_creates_before_deleting_and_the_old_id_stops_working() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let first = logged_in(&manager).await;
+    let mut session = manager.load(Some(&first)).await.unwrap();
+    session.insert("role", "admin").unwrap();
+    session.cycle_id();
+    store.take_calls();
+    let outcome = manager.commit(session).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Cycled);
+    assert_eq!(store.take_calls(), ["create", "delete"]);
+    let second = outcome.cookie.unwrap().value;
+    assert_ne!(first[..22], second[..22]);
+    assert!(manager.load(Some(&first)).await.unwrap().is_new());
+    let session = manager.load(Some(&second)).await.unwrap();
+    assert_eq!(
+        session.get::<String>("user").unwrap().as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        session.get::<String>("role").unwrap().as_deref(),
+        Some("admin")
+    );
+    assert_eq!(store.inner.len(), 1);
+}
+
+#[tokio::test]
+async fn destroy_deletes_and_clears_the_cookie() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let cookie = logged_in(&manager).await;
+    let mut session = manager.load(Some(&cookie)).await.unwrap();
+    session.destroy();
+    store.take_calls();
+    let outcome = manager.commit(session).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Destroyed);
+    assert_eq!(store.take_calls(), ["delete"]);
+    let removal = outcome.cookie.unwrap();
+    assert!(removal.is_removal());
+    assert!(
+        removal
+            .to_header_value()
+            .starts_with("session=; Max-Age=0; Expires=Thu, 01 Jan 1970")
+    );
+    assert!(store.inner.is_empty());
+    assert!(manager.load(Some(&cookie)).await.unwrap().is_new());
+}
+
+#[tokio::test]
+async fn destroy_then_insert_starts_a_new_session() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let cookie = logged_in(&manager).await;
+    let mut session = manager.load(Some(&cookie)).await.unwrap();
+    session.destroy();
+    session.insert("flash", "logged out").unwrap();
+    let outcome = manager.commit(session).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Created);
+    let fresh = outcome.cookie.unwrap().value;
+    assert!(manager.load(Some(&cookie)).await.unwrap().is_new());
+    let session = manager.load(Some(&fresh)).await.unwrap();
+    assert_eq!(session.get::<String>("user").unwrap(), None);
+    assert_eq!(
+        session.get::<String>("flash").unwrap().as_deref(),
+        Some("logged out")
+    );
+}
+
+#[tokio::test]
+async fn concurrent_requests_changing_different_keys_both_persist() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let cookie = logged_in(&manager).await;
+    let mut first = manager.load(Some(&cookie)).await.unwrap();
+    let mut second = manager.load(Some(&cookie)).await.unwrap();
+    first.insert("a", &1u8).unwrap();
+    second.insert("b", &2u8).unwrap();
+    second.remove("user");
+    assert_eq!(
+        manager.commit(first).await.unwrap().status,
+        CommitStatus::Saved
+    );
+    store.take_calls();
+    assert_eq!(
+        manager.commit(second).await.unwrap().status,
+        CommitStatus::Saved
+    );
+    assert_eq!(store.take_calls(), ["save", "load", "save"]);
+    let session = manager.load(Some(&cookie)).await.unwrap();
+    assert_eq!(session.get::<u8>("a").unwrap(), Some(1));
+    assert_eq!(session.get::<u8>("b").unwrap(), Some(2));
+    assert_eq!(session.get::<String>("user").unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_session_ended_during_the_request_stays_ended() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let cookie = logged_in(&manager).await;
+    let mut slow = manager.load(Some(&cookie)).await.unwrap();
+    let mut logout = manager.load(Some(&cookie)).await.unwrap();
+    logout.destroy();
+    manager.commit(logout).await.unwrap();
+    slow.insert("late", &true).unwrap();
+    let outcome = manager.commit(slow).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Ended);
+    assert!(outcome.cookie.unwrap().is_removal());
+    assert!(
+        store.inner.is_empty(),
+        "a late save resurrected the session"
+    );
+}
+
+#[tokio::test]
+async fn oversized_session_is_a_typed_error_and_nothing_is_written() {
+    let store = Recording::default();
+    let config = SessionConfig::new(KeyRing::single(key(1))).max_encoded_size(1024);
+    let manager = manager_with(&store, config);
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("blob", &vec![7u8; 2000]).unwrap();
+    let error = manager.commit(session).await.unwrap_err();
+    assert!(
+        matches!(error, SessionError::TooLarge { limit: 1024, .. }),
+        "{error:?}"
+    );
+    assert!(store.calls().is_empty());
+
+    let cookie = logged_in(&manager).await;
+    let mut session = manager.load(Some(&cookie)).await.unwrap();
+    session.insert("blob", &vec![7u8; 2000]).unwrap();
+    store.take_calls();
+    let error = manager.commit(session).await.unwrap_err();
+    assert!(matches!(error, SessionError::TooLarge { .. }), "{error:?}");
+    assert!(store.take_calls().is_empty());
+    let session = manager.load(Some(&cookie)).await.unwrap();
+    assert_eq!(session.get::<Vec<u8>>("blob").unwrap(), None);
+}
+
+#[tokio::test]
+async fn idle_timeout_ends_an_idle_session_and_activity_keeps_it() {
+    let store = Recording::default();
+    let config = SessionConfig::new(KeyRing::single(key(1))).idle_timeout(Duration::from_secs(2));
+    let manager = manager_with(&store, config);
+
+    let active = logged_in(&manager).await;
+    let idle = logged_in(&manager).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let session = manager.load(Some(&active)).await.unwrap();
+        assert!(!session.is_new(), "an active session expired");
+        manager.commit(session).await.unwrap();
+    }
+    // 3.6 s have passed: twice the idle timeout for the untouched session.
+    assert!(manager.load(Some(&idle)).await.unwrap().is_new());
+    let gone = manager.load(Some(&idle)).await.unwrap();
+    let outcome = manager.commit(gone).await.unwrap();
+    assert!(
+        outcome.cookie.unwrap().is_removal(),
+        "a dead session's cookie is cleared"
+    );
+}
+
+#[tokio::test]
+async fn absolute_timeout_ends_even_an_active_session() {
+    let store = Recording::default();
+    let config =
+        SessionConfig::new(KeyRing::single(key(1))).absolute_timeout(Some(Duration::from_secs(2)));
+    let manager = manager_with(&store, config);
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("n", &0u32).unwrap();
+    let cookie = manager.commit(session).await.unwrap().cookie.unwrap();
+    assert!(
+        cookie.max_age.unwrap() <= Duration::from_secs(2),
+        "{:?}",
+        cookie.max_age
+    );
+    for n in 1..=3u32 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut session = manager.load(Some(&cookie.value)).await.unwrap();
+        assert!(!session.is_new());
+        session.insert("n", &n).unwrap();
+        manager.commit(session).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(manager.load(Some(&cookie.value)).await.unwrap().is_new());
+}
+
+#[tokio::test]
+async fn an_unmodified_session_is_touched_only_past_the_threshold() {
+    let store = Recording::default();
+    let config = SessionConfig::new(KeyRing::single(key(1)))
+        .idle_timeout(Duration::from_secs(4))
+        .touch_threshold(Duration::from_secs(3));
+    let manager = manager_with(&store, config);
+    let cookie = logged_in(&manager).await;
+
+    store.take_calls();
+    let session = manager.load(Some(&cookie)).await.unwrap();
+    let outcome = manager.commit(session).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Unchanged);
+    assert_eq!(outcome.cookie, None);
+    assert_eq!(store.take_calls(), ["load"]);
+
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let session = manager.load(Some(&cookie)).await.unwrap();
+    let outcome = manager.commit(session).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Touched);
+    assert_eq!(
+        outcome.cookie.unwrap().max_age,
+        Some(Duration::from_secs(4))
+    );
+    assert_eq!(store.take_calls(), ["load", "touch"]);
+
+    let session = manager.load(Some(&cookie)).await.unwrap();
+    assert_eq!(
+        manager.commit(session).await.unwrap().status,
+        CommitStatus::Unchanged
+    );
+    assert_eq!(store.take_calls(), ["load"]);
+}
+
+#[tokio::test]
+async fn store_faults_are_errors_and_undecodable_records_are_fresh_sessions() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let cookie = logged_in(&manager).await;
+    store.fail_loads.store(true, Ordering::SeqCst);
+    let error = manager.load(Some(&cookie)).await.unwrap_err();
+    assert!(
+        matches!(error, SessionError::Store(StoreError::Backend { .. })),
+        "{error:?}"
+    );
+    store.fail_loads.store(false, Ordering::SeqCst);
+    store.corrupt_loads.store(true, Ordering::SeqCst);
+    assert!(manager.load(Some(&cookie)).await.unwrap().is_new());
+    store.corrupt_loads.store(false, Ordering::SeqCst);
+    assert!(!manager.load(Some(&cookie)).await.unwrap().is_new());
+}
+
+#[tokio::test]
+async fn a_value_of_the_wrong_type_is_a_typed_error() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let cookie = logged_in(&manager).await;
+    let session = manager.load(Some(&cookie)).await.unwrap();
+    let error = session.get::<u64>("user").unwrap_err();
+    assert!(matches!(error, SessionError::DecodeValue { ref key, .. } if key == "user"));
+}
