@@ -8,7 +8,7 @@ use session_core::codec::encoded_record_len;
 use session_core::store::{MAX_TTL, MIN_TTL};
 use session_core::{
     CommitStatus, KeyRing, Record, SessionConfig, SessionManager, SessionStore, SigningKey,
-    StoreError,
+    StorageKey, StoreError, Version,
 };
 use tokio::task::JoinSet;
 
@@ -431,29 +431,46 @@ pub async fn thousands_of_sessions<S: SessionStore + Clone + 'static>(store: S) 
     }
 }
 
-/// Sixteen tasks create the same key at once: exactly one succeeds, and its record is stored.
-pub async fn concurrent_creates_have_one_winner<S: SessionStore + Clone + 'static>(store: S) {
-    let key = new_key();
+/// Runs sixteen racing writes of `n` = task number; asserts that exactly one succeeded, that
+/// every other failed with the error `loser` accepts, and that the winner's record is stored.
+async fn exactly_one_wins<S, F, Fut>(
+    store: &S,
+    key: &StorageKey,
+    write: F,
+    loser: fn(&StoreError) -> bool,
+) where
+    S: SessionStore + Clone + 'static,
+    F: Fn(S, StorageKey, Record) -> Fut,
+    Fut: std::future::Future<Output = Result<Version, StoreError>> + Send + 'static,
+{
     let mut tasks = JoinSet::new();
     for task in 0..16u8 {
-        let (store, key) = (store.clone(), key.clone());
-        tasks.spawn(async move {
-            let result = store.create(&key, &record_with("n", &[task]), MINUTE).await;
-            (task, result)
-        });
+        let write = write(store.clone(), key.clone(), record_with("n", &[task]));
+        tasks.spawn(async move { (task, write.await) });
     }
     let mut winners = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         match joined.unwrap() {
             (task, Ok(version)) => winners.push((task, version)),
-            (_, Err(StoreError::AlreadyExists)) => {}
+            (_, Err(error)) if loser(&error) => {}
             (_, Err(other)) => panic!("unexpected error {other:?}"),
         }
     }
     assert_eq!(winners.len(), 1, "winners: {winners:?}");
-    let loaded = store.load(&key).await.unwrap().unwrap();
+    let loaded = store.load(key).await.unwrap().unwrap();
     assert_eq!(loaded.record, record_with("n", &[winners[0].0]));
     assert_eq!(loaded.version, winners[0].1);
+}
+
+/// Sixteen tasks create the same key at once: exactly one succeeds, and its record is stored.
+pub async fn concurrent_creates_have_one_winner<S: SessionStore + Clone + 'static>(store: S) {
+    let write = |store: S, key: StorageKey, record: Record| async move {
+        store.create(&key, &record, MINUTE).await
+    };
+    exactly_one_wins(&store, &new_key(), write, |e| {
+        matches!(e, StoreError::AlreadyExists)
+    })
+    .await;
 }
 
 /// Sixteen tasks save against the same version at once: exactly one succeeds.
@@ -463,28 +480,10 @@ pub async fn concurrent_saves_have_one_winner<S: SessionStore + Clone + 'static>
         .create(&key, &record_with("n", b"start"), MINUTE)
         .await
         .unwrap();
-    let mut tasks = JoinSet::new();
-    for task in 0..16u8 {
-        let (store, key) = (store.clone(), key.clone());
-        tasks.spawn(async move {
-            let result = store
-                .save(&key, &record_with("n", &[task]), MINUTE, version)
-                .await;
-            (task, result)
-        });
-    }
-    let mut winners = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        match joined.unwrap() {
-            (task, Ok(version)) => winners.push((task, version)),
-            (_, Err(StoreError::Conflict)) => {}
-            (_, Err(other)) => panic!("unexpected error {other:?}"),
-        }
-    }
-    assert_eq!(winners.len(), 1, "winners: {winners:?}");
-    let loaded = store.load(&key).await.unwrap().unwrap();
-    assert_eq!(loaded.record, record_with("n", &[winners[0].0]));
-    assert_eq!(loaded.version, winners[0].1);
+    let write = move |store: S, key: StorageKey, record: Record| async move {
+        store.save(&key, &record, MINUTE, version).await
+    };
+    exactly_one_wins(&store, &key, write, |e| matches!(e, StoreError::Conflict)).await;
 }
 
 /// Random sequences of operations on a few keys agree with a reference model (proptest).

@@ -5,7 +5,7 @@
 //! [`conformance_suite!`] turns the whole list into one `#[tokio::test]` per case for a store
 //! fixture, so a failure names its case:
 //!
-//! ```ignore
+//! ```
 //! mod memory {
 //!     session_conformance::conformance_suite!(async {
 //!         Some((session_memory::MemoryStore::new(), ()))
