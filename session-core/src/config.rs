@@ -172,14 +172,15 @@ impl SessionConfig {
         self
     }
 
-    /// How long a session lives at most from its creation, however active (default: no limit).
+    /// How long a session lives at most from its creation, however active (default: no limit;
+    /// at most 400 days). It applies to sessions created before it was set, too.
     pub fn absolute_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.absolute_timeout = timeout;
         self
     }
 
     /// An unmodified session is touched (its expiry pushed back) only once its remaining idle
-    /// time falls below this (default: half the idle timeout).
+    /// time falls below this (default: half the idle timeout; at least one second).
     pub fn touch_threshold(mut self, threshold: Duration) -> Self {
         self.touch_threshold = Some(threshold);
         self
@@ -220,7 +221,8 @@ impl SessionConfig {
     }
 
     pub(crate) fn effective_touch_threshold(&self) -> Duration {
-        self.touch_threshold.unwrap_or(self.idle_timeout / 2)
+        self.touch_threshold
+            .unwrap_or((self.idle_timeout / 2).max(MIN_TTL))
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
@@ -232,12 +234,18 @@ impl SessionConfig {
             });
         }
         if let Some(absolute) = self.absolute_timeout {
-            if absolute < MIN_TTL {
+            if !in_range(absolute) {
                 return Err(ConfigError::TimeoutOutOfRange {
                     setting: "absolute timeout",
                     value: absolute,
                 });
             }
+        }
+        if self.touch_threshold.is_some_and(|t| t < MIN_TTL) {
+            return Err(ConfigError::TimeoutOutOfRange {
+                setting: "touch threshold",
+                value: self.effective_touch_threshold(),
+            });
         }
         if self.effective_touch_threshold() > self.idle_timeout {
             return Err(ConfigError::TouchThresholdTooLong);
@@ -293,6 +301,19 @@ mod tests {
                 .absolute_timeout(Some(Duration::ZERO))
                 .validate()
                 .is_err()
+        );
+        assert!(
+            config()
+                .absolute_timeout(Some(Duration::MAX))
+                .validate()
+                .is_err()
+        );
+        assert!(config().touch_threshold(Duration::ZERO).validate().is_err());
+        assert!(
+            config()
+                .idle_timeout(Duration::from_secs(1))
+                .validate()
+                .is_ok()
         );
         assert_eq!(
             config()

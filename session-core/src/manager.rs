@@ -10,7 +10,7 @@ use crate::error::{ConfigError, SessionError, StoreError};
 use crate::id::{SessionId, StorageKey};
 use crate::record::Record;
 use crate::session::{Origin, Session, StoredSession};
-use crate::store::{MIN_TTL, SessionStore};
+use crate::store::{LoadedRecord, MIN_TTL, SessionStore};
 
 /// How many ids `create` draws before giving up on collisions.
 const MAX_ID_DRAWS: u32 = 4;
@@ -104,7 +104,8 @@ pub enum CommitStatus {
     Cycled,
     /// The session was deleted.
     Destroyed,
-    /// The session ended (deleted or expired elsewhere) while the request ran; it stays ended.
+    /// The session ended (deleted, expired or cycled elsewhere) while the request ran; it stays
+    /// ended, and the cookie is left alone.
     Ended,
 }
 
@@ -167,24 +168,18 @@ impl SessionManager {
         let Some(verified) =
             cookie_value.and_then(|value| self.config.keys.verify(&self.config.cookie.name, value))
         else {
-            return Ok(self.fresh(now, false));
+            return Ok(self.fresh(now));
         };
         let key = StorageKey::derive(&self.config.key_prefix, &verified.id);
-        let loaded = match self.store.load(&key).await {
-            Ok(Some(loaded)) => loaded,
-            Ok(None) => return Ok(self.fresh(now, true)),
-            Err(StoreError::Decode(error)) => {
-                tracing::warn!(key = %key, %error, "stored session does not decode; starting a fresh one");
-                return Ok(self.fresh(now, true));
-            }
-            Err(error) => return Err(error.into()),
+        let Some(loaded) = self.load_live(&key).await? else {
+            return Ok(self.fresh(now));
         };
-        if loaded.record.absolute_remaining(now) == Some(Duration::ZERO) {
+        if self.absolute_left(&loaded.record, now) == Some(Duration::ZERO) {
             tracing::debug!(key = %key, "session passed its absolute deadline");
             if let Err(error) = self.store.delete(&key).await {
                 tracing::warn!(key = %key, %error, "could not delete a session past its absolute deadline");
             }
-            return Ok(self.fresh(now, true));
+            return Ok(self.fresh(now));
         }
         Ok(Session::new(
             Origin::Stored(StoredSession {
@@ -199,29 +194,28 @@ impl SessionManager {
     }
 
     /// Writes what the request did to the session and says what to do with the cookie.
+    ///
+    /// When the session turns out to have ended while the request ran (deleted by a logout,
+    /// expired, or moved to a new id by a concurrent login), the outcome is
+    /// [`CommitStatus::Ended`], nothing is written, and the cookie is left alone: a removal
+    /// here could overwrite the newer cookie a concurrent login just set. Only
+    /// [`Session::destroy`] clears the cookie.
     pub async fn commit(&self, session: Session) -> Result<CommitOutcome, SessionError> {
         let now = SystemTime::now();
         if session.destroyed {
             return self.commit_destroyed(session, now).await;
         }
         match &session.origin {
-            Origin::Fresh { stale_cookie } => {
-                if session.record.is_empty() {
-                    return Ok(CommitOutcome {
-                        status: CommitStatus::Anonymous,
-                        cookie: stale_cookie.then(|| self.removal_cookie()),
-                    });
-                }
+            Origin::Fresh if session.record.is_empty() => Ok(CommitOutcome {
+                status: CommitStatus::Anonymous,
+                cookie: None,
+            }),
+            Origin::Fresh => {
                 self.create_new(&session.record, now, CommitStatus::Created)
                     .await
             }
             Origin::Stored(stored) if session.cycle_requested => {
-                let outcome = self
-                    .create_new(&session.record, now, CommitStatus::Cycled)
-                    .await?;
-                self.store.delete(&stored.key).await?;
-                tracing::debug!(key = %stored.key, "session id cycled; old entry deleted");
-                Ok(outcome)
+                self.commit_cycled(&session, stored, now).await
             }
             Origin::Stored(stored) if session.is_modified() => {
                 self.save_with_replay(&session, stored, now).await
@@ -230,8 +224,20 @@ impl SessionManager {
         }
     }
 
-    fn fresh(&self, now: SystemTime, stale_cookie: bool) -> Session {
-        Session::new(Origin::Fresh { stale_cookie }, self.new_record(now))
+    /// Loads the live entry under `key`; a record that does not decode counts as absent.
+    async fn load_live(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, SessionError> {
+        match self.store.load(key).await {
+            Ok(loaded) => Ok(loaded),
+            Err(StoreError::Decode(error)) => {
+                tracing::warn!(key = %key, %error, "stored session does not decode; treating it as absent");
+                Ok(None)
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    fn fresh(&self, now: SystemTime) -> Session {
+        Session::new(Origin::Fresh, self.new_record(now))
     }
 
     fn new_record(&self, now: SystemTime) -> Record {
@@ -240,12 +246,27 @@ impl SessionManager {
         record
     }
 
+    /// Time left before the session's absolute deadline: the earlier of the deadline stored in
+    /// the record and creation time plus the configured absolute timeout (so a timeout
+    /// introduced or shortened later also covers older sessions). `None` when neither is set.
+    fn absolute_left(&self, record: &Record, now: SystemTime) -> Option<Duration> {
+        let from_config = self.config.absolute_timeout.map(|timeout| {
+            (record.created_at() + timeout)
+                .duration_since(now)
+                .unwrap_or(Duration::ZERO)
+        });
+        match (record.absolute_remaining(now), from_config) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// The time to live a write at `now` gives `record`: the idle timeout, cut to the time left
     /// before the absolute deadline but never below the shortest TTL (the deadline itself is
     /// checked on every load). `None` once the deadline has passed.
     fn write_ttl(&self, record: &Record, now: SystemTime) -> Option<Duration> {
         let idle = self.config.idle_timeout;
-        match record.absolute_remaining(now) {
+        match self.absolute_left(record, now) {
             None => Some(idle),
             Some(Duration::ZERO) => None,
             Some(left) => Some(idle.min(left).max(MIN_TTL)),
@@ -292,18 +313,44 @@ impl SessionManager {
         Err(SessionError::IdCollisions)
     }
 
+    /// Moves the session to a new id: reads the newest version of the old entry (so a session
+    /// ended meanwhile stays ended and changes saved meanwhile are kept), replays this
+    /// request's changes onto it, creates it under a new id, then deletes the old entry.
+    async fn commit_cycled(
+        &self,
+        session: &Session,
+        stored: &StoredSession,
+        now: SystemTime,
+    ) -> Result<CommitOutcome, SessionError> {
+        let Some(latest) = self.load_live(&stored.key).await? else {
+            return Ok(self.ended());
+        };
+        let mut record = latest.record;
+        session.replay_onto(&mut record);
+        if self.write_ttl(&record, now).is_none() {
+            self.store.delete(&stored.key).await?;
+            return Ok(self.ended());
+        }
+        let outcome = self.create_new(&record, now, CommitStatus::Cycled).await?;
+        self.store.delete(&stored.key).await?;
+        tracing::debug!(key = %stored.key, "session id cycled; old entry deleted");
+        Ok(outcome)
+    }
+
+    /// Deletes the stored session, if any, and clears the cookie; values inserted after
+    /// `destroy` go into a new session under a new id.
     async fn commit_destroyed(
         &self,
         session: Session,
         now: SystemTime,
     ) -> Result<CommitOutcome, SessionError> {
-        let stale_cookie = match &session.origin {
+        let status = match &session.origin {
             Origin::Stored(stored) => {
                 self.store.delete(&stored.key).await?;
                 tracing::debug!(key = %stored.key, "session destroyed");
-                true
+                CommitStatus::Destroyed
             }
-            Origin::Fresh { stale_cookie } => *stale_cookie,
+            Origin::Fresh => CommitStatus::Anonymous,
         };
         if !session.record.is_empty() {
             let mut record = self.new_record(now);
@@ -311,12 +358,8 @@ impl SessionManager {
             return self.create_new(&record, now, CommitStatus::Created).await;
         }
         Ok(CommitOutcome {
-            status: if stale_cookie {
-                CommitStatus::Destroyed
-            } else {
-                CommitStatus::Anonymous
-            },
-            cookie: stale_cookie.then(|| self.removal_cookie()),
+            status,
+            cookie: Some(self.removal_cookie()),
         })
     }
 
@@ -351,7 +394,7 @@ impl SessionManager {
                     if attempt > 1 {
                         backoff(attempt).await;
                     }
-                    let Some(loaded) = self.store.load(&stored.key).await? else {
+                    let Some(loaded) = self.load_live(&stored.key).await? else {
                         return Ok(self.ended());
                     };
                     let mut record = loaded.record;
@@ -372,7 +415,8 @@ impl SessionManager {
         now: SystemTime,
     ) -> Result<CommitOutcome, SessionError> {
         let Some(ttl) = self.write_ttl(record, now) else {
-            return Ok(self.unchanged(stored));
+            self.store.delete(&stored.key).await?;
+            return Ok(self.ended());
         };
         let due = match stored.expires_in {
             None => true,
@@ -405,7 +449,7 @@ impl SessionManager {
     fn ended(&self) -> CommitOutcome {
         CommitOutcome {
             status: CommitStatus::Ended,
-            cookie: Some(self.removal_cookie()),
+            cookie: None,
         }
     }
 

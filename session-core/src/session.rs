@@ -15,9 +15,8 @@ use crate::store::Version;
 /// Where a session came from.
 #[derive(Debug)]
 pub(crate) enum Origin {
-    /// No stored session. `stale_cookie` is set when the request carried a valid cookie whose
-    /// session had ended, so the commit can clear it.
-    Fresh { stale_cookie: bool },
+    /// No stored session (no cookie, an invalid one, or one whose session has ended).
+    Fresh,
     /// Loaded from the store.
     Stored(StoredSession),
 }
@@ -65,7 +64,7 @@ impl Session {
     /// Whether no stored session stands behind this one (it will be created on commit if it
     /// gets any value).
     pub fn is_new(&self) -> bool {
-        matches!(self.origin, Origin::Fresh { .. })
+        matches!(self.origin, Origin::Fresh)
     }
 
     /// The value named `name` decoded as `T`, or `None` when there is none.
@@ -184,12 +183,7 @@ mod tests {
     use super::*;
 
     fn fresh() -> Session {
-        Session::new(
-            Origin::Fresh {
-                stale_cookie: false,
-            },
-            Record::new(SystemTime::now()),
-        )
+        Session::new(Origin::Fresh, Record::new(SystemTime::now()))
     }
 
     #[test]

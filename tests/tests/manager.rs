@@ -276,7 +276,7 @@ async fn cycle_id_creates_before_deleting_and_the_old_id_stops_working() {
     store.take_calls();
     let outcome = manager.commit(session).await.unwrap();
     assert_eq!(outcome.status, CommitStatus::Cycled);
-    assert_eq!(store.take_calls(), ["create", "delete"]);
+    assert_eq!(store.take_calls(), ["load", "create", "delete"]);
     let second = outcome.cookie.unwrap().value;
     assert_ne!(first[..22], second[..22]);
     assert!(manager.load(Some(&first)).await.unwrap().is_new());
@@ -372,11 +372,63 @@ async fn a_session_ended_during_the_request_stays_ended() {
     slow.insert("late", &true).unwrap();
     let outcome = manager.commit(slow).await.unwrap();
     assert_eq!(outcome.status, CommitStatus::Ended);
-    assert!(outcome.cookie.unwrap().is_removal());
+    assert_eq!(
+        outcome.cookie, None,
+        "an ended session must not clear a newer cookie"
+    );
     assert!(
         store.inner.is_empty(),
         "a late save resurrected the session"
     );
+}
+
+#[tokio::test]
+async fn cycling_a_session_ended_meanwhile_does_not_bring_it_back() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let cookie = logged_in(&manager).await;
+    let mut login = manager.load(Some(&cookie)).await.unwrap();
+    let mut logout = manager.load(Some(&cookie)).await.unwrap();
+    logout.destroy();
+    manager.commit(logout).await.unwrap();
+    login.cycle_id();
+    let outcome = manager.commit(login).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Ended);
+    assert!(
+        store.inner.is_empty(),
+        "the cycle resurrected a destroyed session"
+    );
+}
+
+#[tokio::test]
+async fn cycling_keeps_changes_saved_meanwhile_and_a_parallel_request_leaves_the_new_cookie() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let cookie = logged_in(&manager).await;
+    let mut login = manager.load(Some(&cookie)).await.unwrap();
+    let mut parallel = manager.load(Some(&cookie)).await.unwrap();
+    let mut earlier = manager.load(Some(&cookie)).await.unwrap();
+    earlier.insert("theme", "dark").unwrap();
+    manager.commit(earlier).await.unwrap();
+    login.insert("role", "admin").unwrap();
+    login.cycle_id();
+    let new_cookie = manager.commit(login).await.unwrap().cookie.unwrap().value;
+    // A request that started before the login and still carries the old cookie.
+    parallel.insert("late", &1u8).unwrap();
+    let outcome = manager.commit(parallel).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Ended);
+    assert_eq!(outcome.cookie, None);
+    let session = manager.load(Some(&new_cookie)).await.unwrap();
+    assert_eq!(
+        session.get::<String>("theme").unwrap().as_deref(),
+        Some("dark")
+    );
+    assert_eq!(
+        session.get::<String>("role").unwrap().as_deref(),
+        Some("admin")
+    );
+    assert_eq!(session.get::<u8>("late").unwrap(), None);
+    assert!(manager.load(Some(&cookie)).await.unwrap().is_new());
 }
 
 #[tokio::test]
@@ -422,10 +474,8 @@ async fn idle_timeout_ends_an_idle_session_and_activity_keeps_it() {
     assert!(manager.load(Some(&idle)).await.unwrap().is_new());
     let gone = manager.load(Some(&idle)).await.unwrap();
     let outcome = manager.commit(gone).await.unwrap();
-    assert!(
-        outcome.cookie.unwrap().is_removal(),
-        "a dead session's cookie is cleared"
-    );
+    assert_eq!(outcome.status, CommitStatus::Anonymous);
+    assert_eq!(outcome.cookie, None);
 }
 
 #[tokio::test]
@@ -451,6 +501,24 @@ async fn absolute_timeout_ends_even_an_active_session() {
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(manager.load(Some(&cookie.value)).await.unwrap().is_new());
+}
+
+#[tokio::test]
+async fn an_absolute_timeout_set_later_also_ends_older_sessions() {
+    let store = Recording::default();
+    let before = manager(&store);
+    let cookie = logged_in(&before).await;
+    let after = manager_with(
+        &store,
+        SessionConfig::new(KeyRing::single(key(1))).absolute_timeout(Some(Duration::from_secs(1))),
+    );
+    assert!(!after.load(Some(&cookie)).await.unwrap().is_new());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(after.load(Some(&cookie)).await.unwrap().is_new());
+    assert!(
+        store.inner.is_empty(),
+        "the expired session was not deleted"
+    );
 }
 
 #[tokio::test]
