@@ -40,12 +40,21 @@ use session_core::codec::{decode_record, encode_record_within};
 use session_core::store::check_ttl;
 use session_core::{LoadedRecord, Record, SessionStore, StorageKey, StoreError, Version};
 
+/// The smallest share of `max_sessions` a default-sized shard gets.
+const MIN_SHARD_SHARE: usize = 256;
+
+/// A full shard sweeps expired entries at most this often; between sweeps it evicts or refuses
+/// at once, so a flood of new sessions cannot make every create scan the shard.
+const FULL_SHARD_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What a full store does with a `create` for a new key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OnFull {
-    /// Evict the entry of the same shard that expires soonest (the least recently active one,
-    /// since activity pushes expiry back), as memcached does. New visitors always get a session;
-    /// under a flood of new sessions, the idlest existing ones go first.
+    /// Evict the entries of the same shard that expire soonest (the least recently active ones,
+    /// since activity pushes expiry back), as memcached does: a full shard frees its 1/64 with
+    /// the earliest expiry in one pass, so the cost of finding them is shared by the creates
+    /// that follow. New visitors always get a session; under a flood of new sessions, the
+    /// idlest existing ones go first.
     #[default]
     EvictSoonestExpiring,
     /// Refuse with [`StoreError::Full`]: existing sessions are never evicted, new ones fail
@@ -77,8 +86,10 @@ impl Default for MemoryStoreBuilder {
 
 impl MemoryStoreBuilder {
     /// The most sessions held at once (default 100,000; at least 1). The bound is exact: each
-    /// of the `n` shards holds at most `max_sessions / n`, and there are never more shards
-    /// than `max_sessions`.
+    /// of the `n` shards holds at most `max_sessions / n`. Sessions spread over shards by key
+    /// hash, so one shard can fill slightly before the whole store does (by about one percent
+    /// at the default size; shards get at least 256 sessions each unless set by
+    /// [`shards`](Self::shards)).
     pub fn max_sessions(mut self, max: usize) -> Self {
         self.max_sessions = max.max(1);
         self
@@ -114,7 +125,12 @@ impl MemoryStoreBuilder {
         let default_shards = std::thread::available_parallelism()
             .map_or(4, |n| n.get() * 4)
             .min(64);
-        let shard_count = self.shards.unwrap_or(default_shards).min(self.max_sessions);
+        // Each shard holds an equal share of the bound; keeping shares at 256 or more keeps the
+        // hash spread even enough that no shard fills long before the others.
+        let shard_count = match self.shards {
+            Some(shards) => shards.min(self.max_sessions),
+            None => default_shards.min((self.max_sessions / MIN_SHARD_SHARE).max(1)),
+        };
         let inner = Arc::new(Inner {
             shards: (0..shard_count).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
@@ -221,6 +237,8 @@ impl Inner {
 #[derive(Default)]
 struct Shard {
     entries: HashMap<StorageKey, Entry>,
+    /// When this shard last swept itself because it was full.
+    last_full_sweep: Option<Instant>,
     /// The last version handed out in this shard. A key always lives in the same shard, so
     /// versions never repeat for a key, even across delete and re-create.
     last_version: u64,
@@ -258,23 +276,45 @@ impl Shard {
         if self.entries.len() < cap {
             return Ok(());
         }
-        self.sweep(now);
-        if self.entries.len() < cap {
-            return Ok(());
+        let sweep_due = self
+            .last_full_sweep
+            .is_none_or(|last| now.duration_since(last) >= FULL_SHARD_SWEEP_INTERVAL);
+        if sweep_due {
+            self.last_full_sweep = Some(now);
+            self.sweep(now);
+            if self.entries.len() < cap {
+                return Ok(());
+            }
         }
         match policy {
             OnFull::Reject => Err(StoreError::Full),
             OnFull::EvictSoonestExpiring => {
-                let victim = self
-                    .entries
-                    .iter()
-                    .min_by_key(|(_, entry)| entry.expires_at)
-                    .map(|(key, _)| key.clone());
-                if let Some(victim) = victim {
-                    self.entries.remove(&victim);
-                }
+                self.evict_soonest_expiring((cap / 64).max(1));
                 Ok(())
             }
+        }
+    }
+
+    /// Removes the `count` entries that expire soonest, in one pass over the shard.
+    fn evict_soonest_expiring(&mut self, count: usize) {
+        let mut by_expiry: Vec<(Instant, &StorageKey)> = self
+            .entries
+            .iter()
+            .map(|(key, entry)| (entry.expires_at, key))
+            .collect();
+        let count = count.min(by_expiry.len());
+        if count == 0 {
+            return;
+        }
+        if count < by_expiry.len() {
+            by_expiry.select_nth_unstable_by_key(count - 1, |(expiry, _)| *expiry);
+        }
+        let victims: Vec<StorageKey> = by_expiry[..count]
+            .iter()
+            .map(|(_, key)| (*key).clone())
+            .collect();
+        for victim in &victims {
+            self.entries.remove(victim);
         }
     }
 }

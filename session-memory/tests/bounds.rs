@@ -125,3 +125,31 @@ async fn many_tasks_share_one_store() {
     }
     assert!(store.is_empty());
 }
+
+#[tokio::test]
+async fn small_stores_use_few_shards_so_the_bound_is_nearly_reachable() {
+    let tiny = MemoryStore::builder()
+        .max_sessions(10)
+        .on_full(OnFull::Reject)
+        .build();
+    for _ in 0..10 {
+        tiny.create(&key(), &record(), MINUTE).await.unwrap();
+    }
+    assert!(matches!(
+        tiny.create(&key(), &record(), MINUTE).await,
+        Err(StoreError::Full)
+    ));
+
+    let small = MemoryStore::builder()
+        .max_sessions(2000)
+        .on_full(OnFull::Reject)
+        .build();
+    let mut accepted = 0;
+    for _ in 0..2000 {
+        if small.create(&key(), &record(), MINUTE).await.is_ok() {
+            accepted += 1;
+        }
+    }
+    assert!(accepted >= 1900, "only {accepted} of 2000 fit");
+    assert!(accepted <= 2000);
+}

@@ -2,13 +2,16 @@
 //! `session_core::store`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
+
+use async_trait::async_trait;
 
 use session_core::codec::encoded_record_len;
 use session_core::store::{MAX_TTL, MIN_TTL};
 use session_core::{
-    CommitStatus, KeyRing, Record, SessionConfig, SessionManager, SessionStore, SigningKey,
-    StorageKey, StoreError, Version,
+    CommitStatus, KeyRing, LoadedRecord, Record, SessionConfig, SessionManager, SessionStore,
+    SigningKey, StorageKey, StoreError, Version,
 };
 use tokio::task::JoinSet;
 
@@ -290,16 +293,18 @@ pub async fn long_timeouts_are_honored<S: SessionStore + Clone + 'static>(store:
     }
 }
 
-/// TTLs below one second or above the maximum are `InvalidTtl` and write nothing.
+/// TTLs below one second or above the maximum are `InvalidTtl` for every operation and
+/// write nothing (memcached would read a zero TTL as "never expires").
 pub async fn ttl_outside_the_contract_range_is_rejected<S: SessionStore + Clone + 'static>(
     store: S,
 ) {
+    let bad = [Duration::ZERO, MIN_TTL / 2, MAX_TTL + MIN_TTL];
     let key = new_key();
-    for ttl in [Duration::ZERO, MIN_TTL / 2, MAX_TTL + MIN_TTL] {
+    for ttl in bad {
         let error = load_err(store.create(&key, &record_with("n", b"1"), ttl).await);
         assert!(
             matches!(error, StoreError::InvalidTtl { .. }),
-            "got {error:?}"
+            "create {ttl:?}: {error:?}"
         );
         assert!(store.load(&key).await.unwrap().is_none());
     }
@@ -307,27 +312,77 @@ pub async fn ttl_outside_the_contract_range_is_rejected<S: SessionStore + Clone 
         .create(&key, &record_with("n", b"1"), MINUTE)
         .await
         .unwrap();
-    let error = load_err(
-        store
-            .save(&key, &record_with("n", b"2"), Duration::ZERO, version)
-            .await,
-    );
-    assert!(
-        matches!(error, StoreError::InvalidTtl { .. }),
-        "got {error:?}"
-    );
-    let error = load_err(store.touch(&key, MAX_TTL + MIN_TTL).await);
-    assert!(
-        matches!(error, StoreError::InvalidTtl { .. }),
-        "got {error:?}"
-    );
+    for ttl in bad {
+        let error = load_err(
+            store
+                .save(&key, &record_with("n", b"2"), ttl, version)
+                .await,
+        );
+        assert!(
+            matches!(error, StoreError::InvalidTtl { .. }),
+            "save {ttl:?}: {error:?}"
+        );
+        let error = load_err(store.touch(&key, ttl).await);
+        assert!(
+            matches!(error, StoreError::InvalidTtl { .. }),
+            "touch {ttl:?}: {error:?}"
+        );
+    }
     let loaded = store.load(&key).await.unwrap().unwrap();
     assert_eq!(loaded.record, record_with("n", b"1"));
     assert_eq!(loaded.version, version);
+    if let Some(left) = loaded.expires_in {
+        assert!(
+            left <= MINUTE && left > MINUTE - 10 * MIN_TTL,
+            "{left:?} left"
+        );
+    }
+}
+
+/// `save` and `touch` set the TTL from now, shortening as well as extending it.
+pub async fn save_and_touch_set_the_ttl<S: SessionStore + Clone + 'static>(store: S) {
+    let record = record_with("n", b"1");
+    let saved_shorter = new_key();
+    let version = store.create(&saved_shorter, &record, MINUTE).await.unwrap();
+    store
+        .save(&saved_shorter, &record, MIN_TTL, version)
+        .await
+        .unwrap();
+    let touched_shorter = new_key();
+    store
+        .create(&touched_shorter, &record, MINUTE)
+        .await
+        .unwrap();
+    assert!(store.touch(&touched_shorter, MIN_TTL).await.unwrap());
+    let saved_longer = new_key();
+    let version = store.create(&saved_longer, &record, MIN_TTL).await.unwrap();
+    store
+        .save(&saved_longer, &record, MINUTE, version)
+        .await
+        .unwrap();
+
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(
+        store.load(&saved_shorter).await.unwrap().is_none(),
+        "save kept the old TTL"
+    );
+    assert!(
+        store.load(&touched_shorter).await.unwrap().is_none(),
+        "touch kept the old TTL"
+    );
+    assert!(
+        store.load(&saved_longer).await.unwrap().is_some(),
+        "save did not extend the TTL"
+    );
 }
 
 /// A record whose encoding is exactly `size` bytes.
 pub fn record_of_encoded_size(size: usize) -> Record {
+    let smallest = encoded_record_len(&record_with("v", &[])).unwrap();
+    assert!(
+        size >= smallest,
+        "no record encodes to {size} bytes (the smallest is {smallest})"
+    );
     let mut value_len = size;
     let base = loop {
         let record = record_with("v", &vec![0xa5; value_len]);
@@ -496,14 +551,58 @@ fn test_manager<S: SessionStore + 'static>(store: S) -> SessionManager {
     SessionManager::new(Arc::new(store), SessionConfig::new(keys)).unwrap()
 }
 
-/// Through the manager, 32 tasks each set their own key 50 times on one session at once; every
-/// last value persists (conflicts are replayed, never lost).
+/// Forwards to a store and counts the conflicts its `save` reports.
+#[derive(Clone)]
+struct ConflictCounter<S> {
+    inner: S,
+    conflicts: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl<S: SessionStore> SessionStore for ConflictCounter<S> {
+    async fn create(&self, k: &StorageKey, r: &Record, t: Duration) -> Result<Version, StoreError> {
+        self.inner.create(k, r, t).await
+    }
+    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+        self.inner.load(key).await
+    }
+    async fn save(
+        &self,
+        k: &StorageKey,
+        r: &Record,
+        t: Duration,
+        v: Version,
+    ) -> Result<Version, StoreError> {
+        let result = self.inner.save(k, r, t, v).await;
+        if matches!(result, Err(StoreError::Conflict)) {
+            self.conflicts.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+    async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
+        self.inner.touch(key, ttl).await
+    }
+    async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+    fn max_record_size(&self) -> usize {
+        self.inner.max_record_size()
+    }
+}
+
+/// Through the manager, 32 tasks each set their own key 50 times on one session at once, every
+/// task yielding between its load and its commit so that requests interleave; every last value
+/// persists (conflicts happen, and are replayed, never lost).
 pub async fn manager_concurrent_commits_lose_no_update<S: SessionStore + Clone + 'static>(
     store: S,
 ) {
     const TASKS: u32 = 32;
     const ROUNDS: u32 = 50;
-    let manager = test_manager(store);
+    let conflicts = Arc::new(AtomicUsize::new(0));
+    let manager = test_manager(ConflictCounter {
+        inner: store,
+        conflicts: Arc::clone(&conflicts),
+    });
     let mut session = manager.load(None).await.unwrap();
     session.insert("owner", "conformance").unwrap();
     let cookie = manager.commit(session).await.unwrap().cookie.unwrap().value;
@@ -516,6 +615,7 @@ pub async fn manager_concurrent_commits_lose_no_update<S: SessionStore + Clone +
                 let mut session = manager.load(Some(&cookie)).await.unwrap();
                 assert!(!session.is_new(), "the session vanished");
                 session.insert(&format!("task-{task}"), &round).unwrap();
+                tokio::task::yield_now().await;
                 let outcome = manager.commit(session).await.unwrap();
                 assert_eq!(outcome.status, CommitStatus::Saved);
             }
@@ -536,6 +636,10 @@ pub async fn manager_concurrent_commits_lose_no_update<S: SessionStore + Clone +
             "task {task} lost an update"
         );
     }
+    assert!(
+        conflicts.load(Ordering::Relaxed) > 0,
+        "no save conflicted, so the case proved nothing about replay"
+    );
 }
 
 /// The manager's whole flow on this store: create, load, change, cycle, destroy.

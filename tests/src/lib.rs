@@ -56,6 +56,7 @@ macro_rules! conformance_suite {
             idle_expiry_is_honored,
             long_timeouts_are_honored,
             ttl_outside_the_contract_range_is_rejected,
+            save_and_touch_set_the_ttl,
             record_at_the_size_limit_works_and_over_it_is_rejected,
             binary_safe_values,
             thousands_of_sessions,

@@ -44,6 +44,10 @@ enum Defect {
     ClampsTtl,
     /// Only 1,000 entries fit; older ones are evicted silently.
     SmallCapacity,
+    /// `save` keeps the entry's expiry instead of setting the new TTL.
+    SaveKeepsExpiry,
+    /// `touch` only ever extends the expiry.
+    TouchOnlyExtends,
 }
 
 #[derive(Clone)]
@@ -155,6 +159,11 @@ impl SessionStore for Faulty {
                 Some(current) => self.inner.save(key, &record, ttl, current.version).await,
                 None => Err(StoreError::NotFound),
             },
+            Defect::SaveKeepsExpiry => {
+                let left = self.inner.load(key).await?.and_then(|l| l.expires_in);
+                let ttl = left.map_or(ttl, |left| left.max(MIN_TTL));
+                self.inner.save(key, &record, ttl, version).await
+            }
             _ => self.inner.save(key, &record, ttl, version).await,
         }
     }
@@ -177,6 +186,12 @@ impl SessionStore for Faulty {
                     self.inner.create(key, &empty, ttl).await?;
                 }
                 Ok(true)
+            }
+            Defect::TouchOnlyExtends => {
+                let left = self.inner.load(key).await?.and_then(|l| l.expires_in);
+                self.inner
+                    .touch(key, left.map_or(ttl, |left| left.max(ttl)))
+                    .await
             }
             _ => self.inner.touch(key, ttl).await,
         }
@@ -246,4 +261,6 @@ catches! {
     missing_delete_fails: DeleteMissingFails by delete_is_idempotent;
     ttl_clamped: ClampsTtl by ttl_outside_the_contract_range_is_rejected;
     capacity_too_small: SmallCapacity by thousands_of_sessions;
+    save_ignoring_ttl: SaveKeepsExpiry by save_and_touch_set_the_ttl;
+    touch_never_shortening: TouchOnlyExtends by save_and_touch_set_the_ttl;
 }
