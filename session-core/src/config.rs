@@ -150,7 +150,7 @@ impl SessionConfig {
     /// The default maximum encoded session size: 64 KiB.
     pub const DEFAULT_MAX_ENCODED_SIZE: usize = 64 * 1024;
     /// The default number of saves tried when concurrent requests conflict.
-    pub const DEFAULT_MAX_CONFLICT_RETRIES: u32 = 16;
+    pub const DEFAULT_MAX_CONFLICT_RETRIES: u32 = 64;
 
     /// A configuration with `keys` and every other setting at its default.
     pub fn new(keys: KeyRing) -> Self {

@@ -391,9 +391,7 @@ impl SessionManager {
                 Err(StoreError::NotFound) => return Ok(self.ended()),
                 Err(StoreError::Conflict) => {
                     tracing::debug!(key = %stored.key, attempt, "save conflict; replaying onto the newer version");
-                    if attempt > 1 {
-                        backoff(attempt).await;
-                    }
+                    backoff(attempt).await;
                     let Some(loaded) = self.load_live(&stored.key).await? else {
                         return Ok(self.ended());
                     };
@@ -479,15 +477,18 @@ impl SessionManager {
     }
 }
 
-/// Waits a random fraction of a window that doubles with each conflict (capped at 32 ms), so
-/// that requests racing on one session stop colliding in lockstep.
+/// After the `attempt`-th conflict, waits a random whole number of milliseconds below a window
+/// that doubles with each conflict (2 ms up to 16 ms), retrying at once when the draw is zero, so
+/// that requests racing on one session stop colliding in lockstep. (Whole milliseconds because
+/// that is the timer's resolution: finer draws would all round to the same tick.)
 async fn backoff(attempt: u32) {
-    let window_us: u64 = 1000u64 << attempt.saturating_sub(2).min(5);
+    let window_ms: u64 = 2u64 << attempt.saturating_sub(1).min(3);
     let mut random = [0u8; 2];
     if getrandom::fill(&mut random).is_err() {
-        random = [0x80, 0];
+        random = [1, 0];
     }
-    let fraction = u64::from(u16::from_le_bytes(random));
-    let wait_us = window_us * fraction / u64::from(u16::MAX);
-    tokio::time::sleep(Duration::from_micros(wait_us)).await;
+    let wait_ms = u64::from(u16::from_le_bytes(random)) % window_ms;
+    if wait_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    }
 }

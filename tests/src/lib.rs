@@ -21,6 +21,7 @@
 use session_core::{KeyPrefix, SessionId, SessionStore, StorageKey};
 
 pub mod cases;
+pub mod harness;
 pub mod model;
 
 /// A storage key for a new random session id under the default prefix.

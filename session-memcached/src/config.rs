@@ -1,0 +1,373 @@
+//! [`MemcachedConfig`]: servers, timeouts, pool bounds, key prefix and item size, built in code
+//! or parsed from a `memcached://` URL.
+
+use std::error::Error;
+use std::fmt;
+use std::time::Duration;
+
+/// Where the sessions live and how to talk to the servers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemcachedConfig {
+    pub(crate) servers: Vec<String>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) io_timeout: Duration,
+    pub(crate) max_idle: usize,
+    pub(crate) max_connections: Option<usize>,
+    pub(crate) key_prefix: String,
+    pub(crate) max_item_size: usize,
+}
+
+impl MemcachedConfig {
+    /// memcached's default port.
+    pub const DEFAULT_PORT: u16 = 11211;
+    /// Default time allowed to dial a server.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+    /// Default time allowed for one request and its response.
+    pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(1);
+    /// Default idle connections kept per server (size it to the expected concurrency).
+    pub const DEFAULT_MAX_IDLE: usize = 64;
+    /// memcached's default maximum item size (`-I 1m`).
+    pub const DEFAULT_MAX_ITEM_SIZE: usize = 1024 * 1024;
+    /// What a record may not use of an item: memcached's item header, the key and the CAS.
+    pub const ITEM_OVERHEAD: usize = 512;
+
+    /// One server, or several separated by commas (`host:port`; the port defaults to 11211;
+    /// IPv6 addresses in brackets). Keys are spread over several servers by rendezvous hashing.
+    pub fn new(servers: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            servers: servers.into_iter().map(Into::into).collect(),
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            io_timeout: Self::DEFAULT_IO_TIMEOUT,
+            max_idle: Self::DEFAULT_MAX_IDLE,
+            max_connections: None,
+            key_prefix: String::new(),
+            max_item_size: Self::DEFAULT_MAX_ITEM_SIZE,
+        }
+    }
+
+    /// Parses `memcached://host[:port][,host[:port]...][?parameters]`.
+    ///
+    /// Parameters: `timeout_ms` (I/O timeout), `connect_timeout_ms`, `max_idle`,
+    /// `max_connections`, `key_prefix`, `max_item_size` (bytes). For example
+    /// `memcached://10.0.0.1:11211,10.0.0.2:11211?timeout_ms=250`.
+    pub fn from_url(url: &str) -> Result<Self, UrlError> {
+        let rest = url.strip_prefix("memcached://").ok_or(UrlError::Scheme)?;
+        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let hosts = hosts.trim_end_matches('/');
+        let mut servers = Vec::new();
+        for host in hosts.split(',').filter(|h| !h.is_empty()) {
+            servers.push(normalize_server(host)?);
+        }
+        if servers.is_empty() {
+            return Err(UrlError::NoServers);
+        }
+        let mut config = Self::new(servers);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let number = || {
+                value.parse::<u64>().map_err(|_| UrlError::BadValue {
+                    parameter: name.to_owned(),
+                })
+            };
+            match name {
+                "timeout_ms" => config.io_timeout = Duration::from_millis(number()?),
+                "connect_timeout_ms" => config.connect_timeout = Duration::from_millis(number()?),
+                "max_idle" => config.max_idle = to_usize(number()?, name)?,
+                "max_connections" => config.max_connections = Some(to_usize(number()?, name)?),
+                "max_item_size" => config.max_item_size = to_usize(number()?, name)?,
+                "key_prefix" => config.key_prefix = value.to_owned(),
+                _ => return Err(UrlError::UnknownParameter(name.to_owned())),
+            }
+        }
+        Ok(config)
+    }
+
+    /// Time allowed to dial a server (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Time allowed for one request and its response (default 1 s).
+    pub fn io_timeout(mut self, timeout: Duration) -> Self {
+        self.io_timeout = timeout;
+        self
+    }
+
+    /// Idle connections kept per server (default 64). Concurrency above it dials extra
+    /// connections that are closed after use, so size it to the expected concurrency.
+    pub fn max_idle(mut self, connections: usize) -> Self {
+        self.max_idle = connections;
+        self
+    }
+
+    /// Connections in use per server at most (default: unbounded). At the cap, a request waits
+    /// for a free connection up to the connect timeout.
+    pub fn max_connections(mut self, connections: Option<usize>) -> Self {
+        self.max_connections = connections;
+        self
+    }
+
+    /// A prefix put in front of every storage key, to share servers between applications
+    /// (default none). The whole key must stay within memcached's 250 bytes.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// The servers' maximum item size (memcached's `-I`, default 1 MiB).
+    pub fn max_item_size(mut self, bytes: usize) -> Self {
+        self.max_item_size = bytes;
+        self
+    }
+
+    /// The servers, as configured.
+    pub fn servers(&self) -> &[String] {
+        &self.servers
+    }
+
+    /// The longest any single operation may take before it is reported as a timeout: one dial,
+    /// one redial of a dead pooled connection and the exchange.
+    pub fn operation_deadline(&self) -> Duration {
+        2 * self.connect_timeout + self.io_timeout
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.servers.is_empty() {
+            return Err(ConfigError::NoServers);
+        }
+        if self.connect_timeout.is_zero() || self.io_timeout.is_zero() {
+            return Err(ConfigError::ZeroTimeout);
+        }
+        if !self.key_prefix.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::InvalidKeyPrefix);
+        }
+        if self.max_item_size <= Self::ITEM_OVERHEAD {
+            return Err(ConfigError::ItemSizeTooSmall {
+                min: Self::ITEM_OVERHEAD + 1,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn to_usize(value: u64, parameter: &str) -> Result<usize, UrlError> {
+    usize::try_from(value).map_err(|_| UrlError::BadValue {
+        parameter: parameter.to_owned(),
+    })
+}
+
+/// `host` or `host:port` or `[v6]` or `[v6]:port`, with the default port added.
+fn normalize_server(host: &str) -> Result<String, UrlError> {
+    let bad = || UrlError::BadServer(host.to_owned());
+    if let Some(bracketed) = host.strip_prefix('[') {
+        let (address, after) = bracketed.split_once(']').ok_or_else(bad)?;
+        if address.is_empty() {
+            return Err(bad());
+        }
+        let port = match after {
+            "" => MemcachedConfig::DEFAULT_PORT,
+            _ => after
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(bad)?,
+        };
+        return Ok(format!("[{address}]:{port}"));
+    }
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) => (name, port.parse::<u16>().map_err(|_| bad())?),
+        None => (host, MemcachedConfig::DEFAULT_PORT),
+    };
+    let valid_name = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
+    if !valid_name {
+        return Err(bad());
+    }
+    Ok(format!("{name}:{port}"))
+}
+
+/// A `memcached://` URL that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UrlError {
+    /// The URL does not start with `memcached://`.
+    Scheme,
+    /// The URL names no server.
+    NoServers,
+    /// A server is not `host`, `host:port`, `[v6]` or `[v6]:port`.
+    BadServer(String),
+    /// A query parameter this store does not know.
+    UnknownParameter(String),
+    /// A query parameter whose value is not a valid number.
+    BadValue {
+        /// The parameter's name.
+        parameter: String,
+    },
+}
+
+impl fmt::Display for UrlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Scheme => f.write_str("a memcached URL starts with memcached://"),
+            Self::NoServers => f.write_str("the memcached URL names no server"),
+            Self::BadServer(server) => write!(f, "{server:?} is not a server address"),
+            Self::UnknownParameter(name) => write!(f, "unknown parameter {name:?}"),
+            Self::BadValue { parameter } => write!(f, "parameter {parameter:?} needs a number"),
+        }
+    }
+}
+
+impl Error for UrlError {}
+
+/// A configuration the store cannot be built from.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The URL did not parse.
+    Url(UrlError),
+    /// No server was given.
+    NoServers,
+    /// A timeout of zero.
+    ZeroTimeout,
+    /// The key prefix has characters memcached keys cannot hold (whitespace, control, non-ASCII).
+    InvalidKeyPrefix,
+    /// The maximum item size leaves no room for a record.
+    ItemSizeTooSmall {
+        /// The smallest size accepted.
+        min: usize,
+    },
+    /// A server address could not be resolved.
+    Resolve(memcache::exp::Error),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Url(_) => f.write_str("invalid memcached URL"),
+            Self::NoServers => f.write_str("no memcached server given"),
+            Self::ZeroTimeout => f.write_str("memcached timeouts must be above zero"),
+            Self::InvalidKeyPrefix => {
+                f.write_str("the key prefix must be printable ASCII without spaces")
+            }
+            Self::ItemSizeTooSmall { min } => {
+                write!(f, "the maximum item size must be at least {min}")
+            }
+            Self::Resolve(_) => f.write_str("a memcached server address could not be resolved"),
+        }
+    }
+}
+
+impl Error for ConfigError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            Self::Url(e) => Some(e),
+            Self::Resolve(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<UrlError> for ConfigError {
+    fn from(e: UrlError) -> Self {
+        Self::Url(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_servers_and_parameters() {
+        let config = MemcachedConfig::from_url(
+            "memcached://10.0.0.1:11211,10.0.0.2,[::1]:11300,[fe80::1]?timeout_ms=250&connect_timeout_ms=100&max_idle=16&max_connections=64&key_prefix=app1:&max_item_size=2097152",
+        )
+        .unwrap();
+        assert_eq!(
+            config.servers(),
+            [
+                "10.0.0.1:11211",
+                "10.0.0.2:11211",
+                "[::1]:11300",
+                "[fe80::1]:11211"
+            ]
+        );
+        assert_eq!(config.io_timeout, Duration::from_millis(250));
+        assert_eq!(config.connect_timeout, Duration::from_millis(100));
+        assert_eq!(config.max_idle, 16);
+        assert_eq!(config.max_connections, Some(64));
+        assert_eq!(config.key_prefix, "app1:");
+        assert_eq!(config.max_item_size, 2 * 1024 * 1024);
+        assert_eq!(
+            MemcachedConfig::from_url("memcached://localhost/").unwrap(),
+            MemcachedConfig::new(["localhost:11211"])
+        );
+    }
+
+    #[test]
+    fn bad_urls_are_typed_errors() {
+        assert_eq!(
+            MemcachedConfig::from_url("redis://x"),
+            Err(UrlError::Scheme)
+        );
+        assert_eq!(
+            MemcachedConfig::from_url("memcached://"),
+            Err(UrlError::NoServers)
+        );
+        assert_eq!(
+            MemcachedConfig::from_url("memcached://?timeout_ms=1"),
+            Err(UrlError::NoServers)
+        );
+        assert!(matches!(
+            MemcachedConfig::from_url("memcached://a:99999"),
+            Err(UrlError::BadServer(_))
+        ));
+        assert!(matches!(
+            MemcachedConfig::from_url("memcached://a b"),
+            Err(UrlError::BadServer(_))
+        ));
+        assert!(matches!(
+            MemcachedConfig::from_url("memcached://[::1"),
+            Err(UrlError::BadServer(_))
+        ));
+        assert!(matches!(
+            MemcachedConfig::from_url("memcached://[]:1"),
+            Err(UrlError::BadServer(_))
+        ));
+        assert_eq!(
+            MemcachedConfig::from_url("memcached://a?timeout=5"),
+            Err(UrlError::UnknownParameter("timeout".into()))
+        );
+        assert_eq!(
+            MemcachedConfig::from_url("memcached://a?timeout_ms=soon"),
+            Err(UrlError::BadValue {
+                parameter: "timeout_ms".into()
+            })
+        );
+    }
+
+    #[test]
+    fn validation() {
+        assert!(MemcachedConfig::new(["a:1"]).validate().is_ok());
+        assert!(matches!(
+            MemcachedConfig::new(Vec::<String>::new()).validate(),
+            Err(ConfigError::NoServers)
+        ));
+        assert!(matches!(
+            MemcachedConfig::new(["a:1"])
+                .io_timeout(Duration::ZERO)
+                .validate(),
+            Err(ConfigError::ZeroTimeout)
+        ));
+        assert!(matches!(
+            MemcachedConfig::new(["a:1"]).key_prefix("a b").validate(),
+            Err(ConfigError::InvalidKeyPrefix)
+        ));
+        assert!(matches!(
+            MemcachedConfig::new(["a:1"]).max_item_size(100).validate(),
+            Err(ConfigError::ItemSizeTooSmall { .. })
+        ));
+    }
+}

@@ -1,0 +1,271 @@
+//! [`MemcachedStore`]: sessions in memcached, the primary backend, on one server or spread over
+//! several by rendezvous hashing.
+//!
+//! It speaks memcached's meta protocol through the `memcache` crate's experimental `exp`
+//! client ([`AsyncMetaClient`]), pinned to exactly `=0.21.0`:
+//!
+//! | store operation | meta command |
+//! |---|---|
+//! | `create` | `ms <key> <size> T<ttl> MS c` with add mode (`ME`): stores only if absent |
+//! | `load` | `mg <key> v c t`: the value, its CAS (the version) and its remaining TTL |
+//! | `save` | `ms <key> <size> T<ttl> C<cas> c`: compare-and-set; a vanished item stays vanished |
+//! | `touch` | `mg <key> T<ttl>` without the value |
+//! | `delete` | `md <key>` |
+//!
+//! TTLs are rounded up to whole seconds; those above 30 days are sent as absolute timestamps
+//! (memcached's rule), which the client does. Every operation is bounded by
+//! [`MemcachedConfig::operation_deadline`]: a dead server gives [`StoreError::Backend`], a hung
+//! one [`StoreError::Timeout`], and the store recovers by itself when the server is back
+//! (dead pooled connections are dropped and redialed).
+//!
+//! TLS: the `tls` feature forwards to the `memcache` crate's OpenSSL support. In 0.21.0 the
+//! `exp` client dials plain TCP only, so this store does not yet use TLS even with the feature;
+//! reach a TLS-only memcached through a local TLS tunnel until the client gains it.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use session_core::{KeyRing, SessionConfig, SessionManager, SigningKey};
+//! use session_memcached::{MemcachedConfig, MemcachedStore};
+//!
+//! let config = MemcachedConfig::from_url("memcached://10.0.0.1:11211,10.0.0.2:11211?timeout_ms=250")?;
+//! let store = MemcachedStore::connect(config).await?;
+//! let keys = KeyRing::single(SigningKey::new(std::env::var("SESSION_SECRET")?)?);
+//! let manager = SessionManager::new(Arc::new(store), SessionConfig::new(keys))?;
+//! # Ok(()) }
+//! ```
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use memcache::exp::{AsyncMetaClient, GetStatus, Meta, MutationStatus, Ttl};
+use session_core::codec::{decode_record, encode_record_within};
+use session_core::store::check_ttl;
+use session_core::{LoadedRecord, Record, SessionStore, StorageKey, StoreError, Version};
+
+mod config;
+
+pub use config::{ConfigError, MemcachedConfig, UrlError};
+/// The client crate, re-exported so applications use the same version.
+pub use memcache;
+
+/// The memcached session store. Cheap to clone: clones share the connection pools.
+#[derive(Clone)]
+pub struct MemcachedStore {
+    client: AsyncMetaClient,
+    key_prefix: String,
+    max_record_size: usize,
+    deadline: Duration,
+}
+
+impl std::fmt::Debug for MemcachedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemcachedStore")
+            .field("key_prefix", &self.key_prefix)
+            .field("max_record_size", &self.max_record_size)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemcachedStore {
+    /// Builds the store: checks the configuration and resolves the server addresses.
+    /// Connections are dialed on first use, so a server that is down now fails operations,
+    /// not construction.
+    pub async fn connect(config: MemcachedConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let client = AsyncMetaClient::builder()
+            .connect_timeout(Some(config.connect_timeout))
+            .io_timeout(Some(config.io_timeout))
+            .max_idle(config.max_idle)
+            .max_connections(config.max_connections)
+            .connect_multiple_async(config.servers.iter().map(String::as_str))
+            .await
+            .map_err(ConfigError::Resolve)?;
+        Ok(Self {
+            client,
+            key_prefix: config.key_prefix.clone(),
+            max_record_size: config.max_item_size - MemcachedConfig::ITEM_OVERHEAD,
+            deadline: config.operation_deadline(),
+        })
+    }
+
+    /// Builds the store from a `memcached://` URL; see [`MemcachedConfig::from_url`].
+    pub async fn from_url(url: &str) -> Result<Self, ConfigError> {
+        Self::connect(MemcachedConfig::from_url(url)?).await
+    }
+
+    /// The underlying client, for operations this store does not cover.
+    pub fn client(&self) -> &AsyncMetaClient {
+        &self.client
+    }
+
+    fn item_key<'a>(&self, key: &'a StorageKey) -> Cow<'a, str> {
+        if self.key_prefix.is_empty() {
+            Cow::Borrowed(key.as_str())
+        } else {
+            Cow::Owned(format!("{}{}", self.key_prefix, key.as_str()))
+        }
+    }
+
+    /// Runs one client call under the store's deadline and maps its failure.
+    async fn run<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = memcache::exp::Result<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.deadline, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(map_error(operation, error, self.deadline)),
+            Err(_) => Err(StoreError::Timeout {
+                operation,
+                after: self.deadline,
+            }),
+        }
+    }
+}
+
+/// Transport timeouts (a hung server) become [`StoreError::Timeout`]; anything else is
+/// [`StoreError::Backend`] with the client's error as its source.
+fn map_error(operation: &'static str, error: memcache::exp::Error, after: Duration) -> StoreError {
+    use memcache::exp::Error as E;
+    let timed_out = |e: &E| match e {
+        E::Timeout { .. } => true,
+        E::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
+        _ => false,
+    };
+    let is_timeout = match &error {
+        E::Ambiguous { source, .. } => timed_out(source),
+        other => timed_out(other),
+    };
+    if is_timeout {
+        StoreError::Timeout { operation, after }
+    } else {
+        StoreError::Backend {
+            operation,
+            source: Box::new(error),
+        }
+    }
+}
+
+fn unexpected(operation: &'static str, what: String) -> StoreError {
+    StoreError::Backend {
+        operation,
+        source: what.into(),
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemcachedStore {
+    async fn create(
+        &self,
+        key: &StorageKey,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Version, StoreError> {
+        check_ttl(ttl)?;
+        let bytes = encode_record_within(record, self.max_record_size)?;
+        let item_key = self.item_key(key);
+        let request = self
+            .client
+            .set(item_key.as_bytes(), &bytes)
+            .ttl(Ttl::from(ttl))
+            .add()
+            .return_cas()
+            .send();
+        let result = self.run("create", request).await?;
+        match result.status {
+            MutationStatus::Applied => result
+                .cas
+                .map(Version::new)
+                .ok_or_else(|| unexpected("create", "no CAS value in the reply".into())),
+            MutationStatus::AlreadyExists => Err(StoreError::AlreadyExists),
+            other => Err(unexpected("create", format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+        let item_key = self.item_key(key);
+        let request = self
+            .client
+            .get(item_key.as_bytes())
+            .meta(Meta::NONE.cas().ttl())
+            .send();
+        let result = self.run("load", request).await?;
+        let (GetStatus::Hit, Some(bytes)) = (result.status, result.value) else {
+            return Ok(None);
+        };
+        let version = result
+            .item
+            .cas
+            .ok_or_else(|| unexpected("load", "no CAS value in the reply".into()))?;
+        let expires_in = result
+            .item
+            .ttl
+            .and_then(|secs| u64::try_from(secs).ok())
+            .map(Duration::from_secs);
+        Ok(Some(LoadedRecord {
+            record: decode_record(&bytes)?,
+            version: Version::new(version),
+            expires_in,
+        }))
+    }
+
+    async fn save(
+        &self,
+        key: &StorageKey,
+        record: &Record,
+        ttl: Duration,
+        version: Version,
+    ) -> Result<Version, StoreError> {
+        check_ttl(ttl)?;
+        let bytes = encode_record_within(record, self.max_record_size)?;
+        let item_key = self.item_key(key);
+        let request = self
+            .client
+            .set(item_key.as_bytes(), &bytes)
+            .ttl(Ttl::from(ttl))
+            .compare_cas(version.get())
+            .return_cas()
+            .send();
+        let result = self.run("save", request).await?;
+        match result.status {
+            MutationStatus::Applied => result
+                .cas
+                .map(Version::new)
+                .ok_or_else(|| unexpected("save", "no CAS value in the reply".into())),
+            MutationStatus::CasMismatch => Err(StoreError::Conflict),
+            MutationStatus::NotFound => Err(StoreError::NotFound),
+            other => Err(unexpected("save", format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
+        check_ttl(ttl)?;
+        let item_key = self.item_key(key);
+        let request = self
+            .client
+            .get(item_key.as_bytes())
+            .touch(Ttl::from(ttl))
+            .without_value()
+            .send();
+        let result = self.run("touch", request).await?;
+        Ok(result.status == GetStatus::Hit)
+    }
+
+    async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
+        let item_key = self.item_key(key);
+        let request = self.client.delete(item_key.as_bytes()).send();
+        let result = self.run("delete", request).await?;
+        match result.status {
+            MutationStatus::Applied | MutationStatus::NotFound => Ok(()),
+            other => Err(unexpected("delete", format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    fn max_record_size(&self) -> usize {
+        self.max_record_size
+    }
+}

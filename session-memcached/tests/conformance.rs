@@ -1,0 +1,32 @@
+//! The conformance suite against real memcached: one server, and three.
+
+use session_conformance::harness::{ServerKind, ServerProcess};
+use session_memcached::{MemcachedConfig, MemcachedStore};
+
+async fn store_over(servers: &[ServerProcess]) -> MemcachedStore {
+    let config = MemcachedConfig::new(servers.iter().map(ServerProcess::address));
+    MemcachedStore::connect(config).await.unwrap()
+}
+
+mod single_server {
+    use super::*;
+
+    session_conformance::conformance_suite!(async {
+        let server = ServerProcess::start(ServerKind::Memcached)?;
+        let store = store_over(std::slice::from_ref(&server)).await;
+        Some((store, server))
+    });
+}
+
+mod three_servers {
+    use super::*;
+
+    session_conformance::conformance_suite!(async {
+        let servers: Option<Vec<ServerProcess>> = (0..3)
+            .map(|_| ServerProcess::start(ServerKind::Memcached))
+            .collect();
+        let servers = servers?;
+        let store = store_over(&servers).await;
+        Some((store, servers))
+    });
+}

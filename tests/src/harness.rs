@@ -1,0 +1,359 @@
+//! Server processes for tests: memcached and redis-server on free loopback ports, started per
+//! test, stopped on drop, and paused, killed or restarted on the same port by fault tests.
+//!
+//! When a server binary is missing, [`ServerProcess::start`] fails the test with the install
+//! command if `SESSION_TEST_REQUIRE_SERVERS=1` (the README's test command sets it), and
+//! otherwise prints a `SKIPPED` line and returns `None`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Which server a [`ServerProcess`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerKind {
+    /// `memcached`, from the Debian package `memcached`.
+    Memcached,
+    /// `redis-server`, from the Debian package `redis-server`.
+    Redis,
+}
+
+impl ServerKind {
+    fn binary(self) -> &'static str {
+        match self {
+            Self::Memcached => "memcached",
+            Self::Redis => "redis-server",
+        }
+    }
+
+    fn package(self) -> &'static str {
+        match self {
+            Self::Memcached => "memcached",
+            Self::Redis => "redis-server",
+        }
+    }
+
+    fn args(self, port: u16) -> Vec<String> {
+        let port = port.to_string();
+        match self {
+            // -u root is ignored unless running as root, where memcached insists on it.
+            Self::Memcached => [
+                "-l",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "0",
+                "-m",
+                "64",
+                "-u",
+                "root",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            Self::Redis => [
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        }
+    }
+
+    /// The command that proves the server answers, and the start of its reply.
+    fn probe(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Memcached => ("version\r\n", "VERSION"),
+            Self::Redis => ("PING\r\n", "+PONG"),
+        }
+    }
+}
+
+/// Finds `binary` on the `PATH`, or reports it missing as the environment asks.
+pub fn find_server_binary(kind: ServerKind) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(kind.binary()))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        let message = format!(
+            "{} is not installed (apt-get install {})",
+            kind.binary(),
+            kind.package()
+        );
+        if std::env::var("SESSION_TEST_REQUIRE_SERVERS").as_deref() == Ok("1") {
+            panic!("{message}; SESSION_TEST_REQUIRE_SERVERS=1 makes this a failure");
+        }
+        // Written to stderr directly, past the test harness's output capture, so it shows.
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {message}");
+    }
+    found
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the caller retries if it gets taken).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("binding an ephemeral loopback port")
+}
+
+/// A server process on a loopback port; killed when dropped.
+#[derive(Debug)]
+pub struct ServerProcess {
+    kind: ServerKind,
+    binary: PathBuf,
+    port: u16,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl ServerProcess {
+    /// How long a start may take before the test fails.
+    const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Starts a server of `kind` on a free port and waits until it answers.
+    pub fn start(kind: ServerKind) -> Option<Self> {
+        Self::start_with(kind, &[])
+    }
+
+    /// Starts a server with extra command-line arguments.
+    pub fn start_with(kind: ServerKind, extra_args: &[&str]) -> Option<Self> {
+        let binary = find_server_binary(kind)?;
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let mut server = Self {
+                kind,
+                binary: binary.clone(),
+                port: free_port(),
+                extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+                child: None,
+            };
+            match server.spawn_and_wait() {
+                Ok(()) => return Some(server),
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("could not start {}: {last_error}", kind.binary());
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let mut command = Command::new(&self.binary);
+        command
+            .args(self.kind.args(self.port))
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = command.spawn().map_err(|e| e.to_string())?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Self::START_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(format!("exited at start with {status}"));
+            }
+            let (probe, expected) = self.kind.probe();
+            if self
+                .command_line(probe)
+                .is_ok_and(|reply| reply.starts_with(expected))
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err("did not answer in time".to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the server is running");
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
+    /// Stops the process (SIGSTOP): it keeps its port and accepts connections, but answers
+    /// nothing, like a hung server.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Continues a paused process (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    /// Kills the process (SIGKILL) and waits for it to end.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (it comes back empty).
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Self::START_TIMEOUT;
+        loop {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                Err(error) if Instant::now() > deadline => {
+                    panic!("could not restart on port {}: {error}", self.port)
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn connect(&self) -> std::io::Result<TcpStream> {
+        let stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(stream)
+    }
+
+    /// Sends a raw text command and returns the first reply line.
+    pub fn command_line(&self, command: &str) -> std::io::Result<String> {
+        let mut stream = self.connect()?;
+        stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+        stream.write_all(command.as_bytes())?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        Ok(line)
+    }
+
+    /// Sends a raw text command and returns every reply line up to (not including) `END`.
+    pub fn command_until_end(&self, command: &str) -> std::io::Result<Vec<String>> {
+        let mut stream = self.connect()?;
+        stream.write_all(command.as_bytes())?;
+        let mut lines = Vec::new();
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let line = line.trim_end_matches(['\r', '\n']).to_owned();
+            if line == "END" {
+                return Ok(lines);
+            }
+            lines.push(line);
+        }
+    }
+
+    /// Every key memcached holds, from `lru_crawler metadump all`, percent-decoded.
+    pub fn memcached_keys(&self) -> Vec<String> {
+        assert_eq!(self.kind, ServerKind::Memcached);
+        self.command_until_end("lru_crawler metadump all\r\n")
+            .expect("metadump")
+            .iter()
+            .filter_map(|line| line.strip_prefix("key="))
+            .map(|rest| percent_decode(rest.split(' ').next().unwrap_or_default()))
+            .collect()
+    }
+
+    /// memcached's `curr_items` statistic.
+    pub fn memcached_item_count(&self) -> u64 {
+        assert_eq!(self.kind, ServerKind::Memcached);
+        self.command_until_end("stats\r\n")
+            .expect("stats")
+            .iter()
+            .find_map(|line| line.strip_prefix("STAT curr_items "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("curr_items in stats")
+    }
+
+    /// Reads a raw reply of unknown length until the server stops sending for a moment.
+    pub fn raw_exchange(&self, request: &[u8]) -> std::io::Result<Vec<u8>> {
+        let mut stream = self.connect()?;
+        stream.set_read_timeout(Some(Duration::from_millis(300)))?;
+        stream.write_all(request)?;
+        let mut reply = Vec::new();
+        let mut buffer = [0u8; 4096];
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => return Ok(reply),
+                Ok(n) => reply.extend_from_slice(&buffer[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return Ok(reply);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(byte) = hex.and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("session%3Aab-_"), "session:ab-_");
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("plain"), "plain");
+    }
+}
