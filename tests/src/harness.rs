@@ -148,6 +148,21 @@ impl ServerProcess {
         panic!("could not start {}: {last_error}", kind.binary());
     }
 
+    /// Starts a server of `kind` on the given port (for a store built before its server).
+    pub fn start_on_port(kind: ServerKind, port: u16) -> Option<Self> {
+        let mut server = Self {
+            kind,
+            binary: find_server_binary(kind)?,
+            port,
+            extra_args: Vec::new(),
+            child: None,
+        };
+        if let Err(error) = server.spawn_and_wait() {
+            panic!("could not start {} on port {port}: {error}", kind.binary());
+        }
+        Some(server)
+    }
+
     fn spawn_and_wait(&mut self) -> Result<(), String> {
         let mut command = Command::new(&self.binary);
         command
