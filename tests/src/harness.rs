@@ -223,14 +223,37 @@ impl ServerProcess {
     }
 
     /// Stops the process (SIGSTOP): it keeps its port and accepts connections, but answers
-    /// nothing, like a hung server.
+    /// nothing, like a hung server. Returns once the kernel reports it stopped.
     pub fn pause(&self) {
         self.signal("-STOP");
+        self.wait_for_state(true);
     }
 
-    /// Continues a paused process (SIGCONT).
+    /// Continues a paused process (SIGCONT), and returns once it runs again.
     pub fn resume(&self) {
         self.signal("-CONT");
+        self.wait_for_state(false);
+    }
+
+    /// Waits until `/proc/<pid>/stat` says the process is stopped (`T`) or not.
+    fn wait_for_state(&self, stopped: bool) {
+        let pid = self.pid().expect("the server is running");
+        let deadline = Instant::now() + Self::START_TIMEOUT;
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the parenthesized command name.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            if (state == Some('T')) == stopped {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {pid} did not change state"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Kills the process (SIGKILL) and waits for it to end.
