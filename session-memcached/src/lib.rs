@@ -150,6 +150,20 @@ fn map_error(operation: &'static str, error: memcache::exp::Error, after: Durati
     }
 }
 
+/// The version of an applied write: the item's new CAS value.
+fn written_version(
+    operation: &'static str,
+    result: memcache::exp::MutationResult,
+) -> Result<Version, StoreError> {
+    match (result.status, result.cas) {
+        (MutationStatus::Applied, Some(cas)) => Ok(Version::new(cas)),
+        (MutationStatus::Applied, None) => {
+            Err(unexpected(operation, "no CAS value in the reply".into()))
+        }
+        (other, _) => Err(unexpected(operation, format!("unexpected reply {other:?}"))),
+    }
+}
+
 fn unexpected(operation: &'static str, what: String) -> StoreError {
     StoreError::Backend {
         operation,
@@ -177,12 +191,8 @@ impl SessionStore for MemcachedStore {
             .send();
         let result = self.run("create", request).await?;
         match result.status {
-            MutationStatus::Applied => result
-                .cas
-                .map(Version::new)
-                .ok_or_else(|| unexpected("create", "no CAS value in the reply".into())),
             MutationStatus::AlreadyExists => Err(StoreError::AlreadyExists),
-            other => Err(unexpected("create", format!("unexpected reply {other:?}"))),
+            _ => written_version("create", result),
         }
     }
 
@@ -232,13 +242,9 @@ impl SessionStore for MemcachedStore {
             .send();
         let result = self.run("save", request).await?;
         match result.status {
-            MutationStatus::Applied => result
-                .cas
-                .map(Version::new)
-                .ok_or_else(|| unexpected("save", "no CAS value in the reply".into())),
             MutationStatus::CasMismatch => Err(StoreError::Conflict),
             MutationStatus::NotFound => Err(StoreError::NotFound),
-            other => Err(unexpected("save", format!("unexpected reply {other:?}"))),
+            _ => written_version("save", result),
         }
     }
 
