@@ -52,6 +52,11 @@ pub enum DecodeError {
     UnknownFormat(u8),
     /// The payload is malformed.
     Malformed(bincode::error::DecodeError),
+    /// Fewer bytes than a backend's framing needs (a version prefix, say).
+    TooShort {
+        /// How many bytes there were.
+        len: usize,
+    },
     /// Bytes were left over after a complete value.
     TrailingBytes {
         /// How many bytes were left over.
@@ -65,6 +70,7 @@ impl fmt::Display for DecodeError {
             Self::Empty => f.write_str("no bytes to decode"),
             Self::UnknownFormat(byte) => write!(f, "unknown format byte {byte:#04x}"),
             Self::Malformed(_) => f.write_str("malformed payload"),
+            Self::TooShort { len } => write!(f, "only {len} bytes, too short to hold a record"),
             Self::TrailingBytes { count } => write!(f, "{count} bytes after the end of the value"),
         }
     }

@@ -233,13 +233,13 @@ impl SessionConfig {
                 value: self.idle_timeout,
             });
         }
-        if let Some(absolute) = self.absolute_timeout {
-            if !in_range(absolute) {
-                return Err(ConfigError::TimeoutOutOfRange {
-                    setting: "absolute timeout",
-                    value: absolute,
-                });
-            }
+        if let Some(absolute) = self.absolute_timeout
+            && !in_range(absolute)
+        {
+            return Err(ConfigError::TimeoutOutOfRange {
+                setting: "absolute timeout",
+                value: absolute,
+            });
         }
         if self.touch_threshold.is_some_and(|t| t < MIN_TTL) {
             return Err(ConfigError::TimeoutOutOfRange {

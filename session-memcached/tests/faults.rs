@@ -1,81 +1,20 @@
 //! Server faults: killed, restarted, paused, down from the start, one node of three lost.
 //! Every failing operation must give a typed error within the configured deadline.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use session_conformance::faults::{
+    SLACK, TTL, every_operation_fails, is_backend_or_timeout, is_timeout, tagged as record, works,
+};
 use session_conformance::harness::{ServerKind, ServerProcess, free_port};
 use session_conformance::new_key;
-use session_core::{Record, SessionStore, StorageKey, StoreError, Version};
+use session_core::{SessionStore, StorageKey, StoreError};
 use session_memcached::{MemcachedConfig, MemcachedStore};
-
-const TTL: Duration = Duration::from_secs(60);
-/// Slack for scheduling on a loaded 2-core machine, on top of the store's own deadline.
-const SLACK: Duration = Duration::from_millis(500);
 
 fn config(addresses: impl IntoIterator<Item = String>) -> MemcachedConfig {
     MemcachedConfig::new(addresses)
         .connect_timeout(Duration::from_millis(200))
         .io_timeout(Duration::from_millis(300))
-}
-
-fn record(tag: &str) -> Record {
-    let mut record = Record::new(SystemTime::UNIX_EPOCH);
-    record.set_value("tag", tag.as_bytes().to_vec());
-    record
-}
-
-/// Runs every store operation once and checks each fails with an error `expected` accepts,
-/// within the deadline.
-async fn every_operation_fails(
-    store: &MemcachedStore,
-    deadline: Duration,
-    expected: fn(&StoreError) -> bool,
-) {
-    let key = new_key();
-    let version = Version::new(1);
-    let outcomes: Vec<(&str, Duration, Result<(), StoreError>)> = vec![
-        timed("create", store.create(&key, &record("x"), TTL)).await,
-        timed("load", store.load(&key)).await,
-        timed("save", store.save(&key, &record("x"), TTL, version)).await,
-        timed("touch", store.touch(&key, TTL)).await,
-        timed("delete", store.delete(&key)).await,
-    ];
-    for (operation, elapsed, outcome) in outcomes {
-        let error = outcome.expect_err(operation);
-        assert!(expected(&error), "{operation}: unexpected {error:?}");
-        assert!(
-            elapsed <= deadline + SLACK,
-            "{operation} took {elapsed:?}, deadline {deadline:?}"
-        );
-    }
-}
-
-async fn timed<T>(
-    operation: &'static str,
-    call: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> (&'static str, Duration, Result<(), StoreError>) {
-    let started = Instant::now();
-    let outcome = call.await.map(|_| ());
-    (operation, started.elapsed(), outcome)
-}
-
-fn is_backend_or_timeout(error: &StoreError) -> bool {
-    matches!(
-        error,
-        StoreError::Backend { .. } | StoreError::Timeout { .. }
-    )
-}
-
-async fn works(store: &MemcachedStore) -> StorageKey {
-    let key = new_key();
-    let version = store.create(&key, &record("alive"), TTL).await.unwrap();
-    let loaded = store.load(&key).await.unwrap().unwrap();
-    assert_eq!(loaded.version, version);
-    store
-        .save(&key, &record("saved"), TTL, version)
-        .await
-        .unwrap();
-    key
 }
 
 #[tokio::test]
@@ -113,10 +52,7 @@ async fn a_paused_server_gives_timeouts_in_bounded_time_and_recovers_when_resume
     let key = works(&store).await;
 
     server.pause();
-    every_operation_fails(&store, deadline, |e| {
-        matches!(e, StoreError::Timeout { .. })
-    })
-    .await;
+    every_operation_fails(&store, deadline, is_timeout).await;
     server.resume();
 
     assert_eq!(

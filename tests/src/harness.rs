@@ -79,26 +79,9 @@ impl ServerKind {
     }
 }
 
-/// Finds `binary` on the `PATH`, or reports it missing as the environment asks.
+/// Finds a server's binary on the `PATH`, or reports it missing as the environment asks.
 pub fn find_server_binary(kind: ServerKind) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(kind.binary()))
-            .find(|candidate| candidate.is_file())
-    });
-    if found.is_none() {
-        let message = format!(
-            "{} is not installed (apt-get install {})",
-            kind.binary(),
-            kind.package()
-        );
-        if std::env::var("SESSION_TEST_REQUIRE_SERVERS").as_deref() == Ok("1") {
-            panic!("{message}; SESSION_TEST_REQUIRE_SERVERS=1 makes this a failure");
-        }
-        // Written to stderr directly, past the test harness's output capture, so it shows.
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {message}");
-    }
-    found
+    find_binary(kind.binary(), kind.package())
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; the caller retries if it gets taken).
@@ -394,4 +377,139 @@ mod tests {
         assert_eq!(percent_decode("a%2"), "a%2");
         assert_eq!(percent_decode("plain"), "plain");
     }
+}
+
+/// A Redis Cluster of three masters (no replicas): `redis-server --cluster-enabled yes`
+/// processes joined with `redis-cli --cluster create`. Each node keeps its cluster state in a
+/// directory of its own, removed on drop, so a killed node restarts with its identity.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<ServerProcess>,
+    directories: Vec<PathBuf>,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-enabled nodes, creates the cluster and waits until every node
+    /// reports `cluster_state:ok`.
+    pub fn start() -> Option<Self> {
+        find_server_binary(ServerKind::Redis)?;
+        let cli = find_binary("redis-cli", "redis-tools")?;
+        let mut nodes = Vec::new();
+        let mut directories = Vec::new();
+        for _ in 0..3 {
+            let directory = std::env::temp_dir().join(format!(
+                "session-redis-cluster-{}-{}",
+                std::process::id(),
+                free_port()
+            ));
+            std::fs::create_dir_all(&directory).expect("creating a node directory");
+            let bus_port = free_port().to_string();
+            let dir = directory.to_string_lossy().into_owned();
+            let node = ServerProcess::start_with(
+                ServerKind::Redis,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-port",
+                    &bus_port,
+                    "--dir",
+                    &dir,
+                ],
+            )?;
+            nodes.push(node);
+            directories.push(directory);
+        }
+        let cluster = Self { nodes, directories };
+        let mut create = Command::new(cli);
+        create.args(["--cluster", "create"]);
+        create.args(cluster.nodes.iter().map(ServerProcess::address));
+        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let output = create.output().expect("running redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        cluster.wait_until_ok();
+        Some(cluster)
+    }
+
+    /// Waits until every running node reports `cluster_state:ok`.
+    pub fn wait_until_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in self.nodes.iter().filter(|n| n.pid().is_some()) {
+            loop {
+                let info = node.raw_exchange(b"CLUSTER INFO\r\n").unwrap_or_default();
+                if String::from_utf8_lossy(&info).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not become ready"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The nodes, to pause, kill or restart.
+    pub fn nodes(&mut self) -> &mut [ServerProcess] {
+        &mut self.nodes
+    }
+
+    /// `redis://127.0.0.1:<port>` of every node.
+    pub fn seed_urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|node| format!("redis://{}", node.address()))
+            .collect()
+    }
+
+    /// How many keys each node holds (`DBSIZE`).
+    pub fn key_counts(&self) -> Vec<u64> {
+        self.nodes.iter().map(ServerProcess::redis_dbsize).collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        for directory in &self.directories {
+            let _ = std::fs::remove_dir_all(directory);
+        }
+    }
+}
+
+impl ServerProcess {
+    /// Redis's `DBSIZE`.
+    pub fn redis_dbsize(&self) -> u64 {
+        assert_eq!(self.kind, ServerKind::Redis);
+        self.command_line("DBSIZE\r\n")
+            .ok()
+            .and_then(|line| line.trim().strip_prefix(':').and_then(|n| n.parse().ok()))
+            .expect("an integer reply to DBSIZE")
+    }
+}
+
+/// Finds a helper binary on the `PATH`, reporting it missing like a server binary.
+fn find_binary(binary: &str, package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(binary))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        let message = format!("{binary} is not installed (apt-get install {package})");
+        if std::env::var("SESSION_TEST_REQUIRE_SERVERS").as_deref() == Ok("1") {
+            panic!("{message}; SESSION_TEST_REQUIRE_SERVERS=1 makes this a failure");
+        }
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {message}");
+    }
+    found
 }

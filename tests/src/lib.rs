@@ -21,6 +21,7 @@
 use session_core::{KeyPrefix, SessionId, SessionStore, StorageKey};
 
 pub mod cases;
+pub mod faults;
 pub mod harness;
 pub mod model;
 

@@ -129,10 +129,10 @@ impl SessionStore for Faulty {
                 expires_in: None,
             });
         }
-        if self.defect == Defect::FixedVersion {
-            if let Some(loaded) = &mut loaded {
-                loaded.version = Version::new(7);
-            }
+        if self.defect == Defect::FixedVersion
+            && let Some(loaded) = &mut loaded
+        {
+            loaded.version = Version::new(7);
         }
         Ok(loaded)
     }

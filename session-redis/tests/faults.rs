@@ -1,0 +1,133 @@
+//! Redis faults: killed, restarted, paused, down at start; a cluster node killed. Every failing
+//! operation must give a typed error within the configured deadline.
+
+use std::time::Duration;
+
+use session_conformance::faults::{
+    every_operation_fails, is_backend_or_timeout, is_timeout, tagged, works,
+};
+use session_conformance::harness::{RedisCluster, ServerKind, ServerProcess, free_port};
+use session_core::SessionStore;
+use session_redis::{RedisConfig, RedisStore};
+
+fn config(url: String) -> RedisConfig {
+    RedisConfig::standalone(url)
+        .connect_timeout(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(300))
+}
+
+#[tokio::test]
+async fn a_killed_server_gives_typed_errors_and_the_same_store_recovers_after_restart() {
+    let Some(mut server) = ServerProcess::start(ServerKind::Redis) else {
+        return;
+    };
+    let config = config(format!("redis://{}", server.address()));
+    let deadline = config.operation_deadline();
+    let store = RedisStore::connect(config).await.unwrap();
+    works(&store).await;
+
+    server.kill();
+    every_operation_fails(&store, deadline, is_backend_or_timeout).await;
+
+    server.restart();
+    // The connection manager reconnects in the background; give it its deadline.
+    let mut recovered = false;
+    for _ in 0..20 {
+        if store.load(&session_conformance::new_key()).await.is_ok() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "the store did not reconnect");
+    let key = works(&store).await;
+    assert_eq!(
+        store.load(&key).await.unwrap().unwrap().record,
+        tagged("saved")
+    );
+}
+
+#[tokio::test]
+async fn a_paused_server_gives_timeouts_in_bounded_time_and_recovers_when_resumed() {
+    let Some(server) = ServerProcess::start(ServerKind::Redis) else {
+        return;
+    };
+    let config = config(format!("redis://{}", server.address()));
+    let deadline = config.operation_deadline();
+    let store = RedisStore::connect(config).await.unwrap();
+    let key = works(&store).await;
+
+    server.pause();
+    every_operation_fails(&store, deadline, is_timeout).await;
+    server.resume();
+
+    let mut loaded = None;
+    for _ in 0..20 {
+        if let Ok(found) = store.load(&key).await {
+            loaded = found;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        loaded.expect("the session survives a pause").record,
+        tagged("saved")
+    );
+    works(&store).await;
+}
+
+#[tokio::test]
+async fn a_store_built_while_the_server_is_down_works_once_it_is_up() {
+    let port = free_port();
+    let config = config(format!("redis://127.0.0.1:{port}"));
+    let deadline = config.operation_deadline();
+    let store = RedisStore::connect(config).await.unwrap();
+    every_operation_fails(&store, deadline, is_backend_or_timeout).await;
+    let Some(_server) = ServerProcess::start_on_port(ServerKind::Redis, port) else {
+        return;
+    };
+    let mut up = false;
+    for _ in 0..20 {
+        if store.load(&session_conformance::new_key()).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "the store did not connect once the server was up");
+    works(&store).await;
+}
+
+#[tokio::test]
+async fn a_killed_cluster_node_gives_typed_errors_for_its_slots_only() {
+    let Some(mut cluster) = RedisCluster::start() else {
+        return;
+    };
+    let config = RedisConfig::cluster(cluster.seed_urls())
+        .connect_timeout(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(300));
+    let deadline = config.operation_deadline();
+    let store = RedisStore::connect(config).await.unwrap();
+    let mut keys = Vec::new();
+    for _ in 0..60 {
+        keys.push(works(&store).await);
+    }
+    cluster.nodes()[0].kill();
+    let (mut lost, mut kept) = (0, 0);
+    for key in &keys {
+        let started = std::time::Instant::now();
+        match store.load(key).await {
+            Ok(found) => {
+                assert_eq!(found.expect("a key on a live node").record, tagged("saved"));
+                kept += 1;
+            }
+            Err(error) => {
+                assert!(is_backend_or_timeout(&error), "{error:?}");
+                lost += 1;
+            }
+        }
+        // A dead node may cost a reconnect attempt and a retry on top of one request.
+        assert!(started.elapsed() <= 2 * deadline + session_conformance::faults::SLACK);
+    }
+    assert!(lost > 0 && kept > 0, "lost {lost}, kept {kept}");
+}

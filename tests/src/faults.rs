@@ -1,0 +1,85 @@
+//! Helpers for backend fault tests: every operation against a broken server must give a typed
+//! error within the store's deadline, and a healthy one must work.
+
+use std::future::Future;
+use std::time::{Duration, Instant, SystemTime};
+
+use session_core::{Record, SessionStore, StorageKey, StoreError, Version};
+
+use crate::new_key;
+
+/// Time to live used by the fault helpers.
+pub const TTL: Duration = Duration::from_secs(60);
+
+/// Slack for scheduling on a loaded two-core machine, on top of a store's own deadline.
+pub const SLACK: Duration = Duration::from_millis(500);
+
+/// A record holding `tag`.
+pub fn tagged(tag: &str) -> Record {
+    let mut record = Record::new(SystemTime::UNIX_EPOCH);
+    record.set_value("tag", tag.as_bytes().to_vec());
+    record
+}
+
+/// Whether `error` is a backend fault or a timeout (what a dead server may give).
+pub fn is_backend_or_timeout(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::Backend { .. } | StoreError::Timeout { .. }
+    )
+}
+
+/// Whether `error` is a timeout (what a hung server must give).
+pub fn is_timeout(error: &StoreError) -> bool {
+    matches!(error, StoreError::Timeout { .. })
+}
+
+async fn timed<T>(
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> (Duration, Result<(), StoreError>) {
+    let started = Instant::now();
+    let outcome = call.await.map(|_| ());
+    (started.elapsed(), outcome)
+}
+
+/// Runs every store operation once and checks that each fails with an error `expected`
+/// accepts, within `deadline` (plus [`SLACK`]).
+pub async fn every_operation_fails<S: SessionStore>(
+    store: &S,
+    deadline: Duration,
+    expected: fn(&StoreError) -> bool,
+) {
+    let key = new_key();
+    let record = tagged("x");
+    let outcomes = [
+        ("create", timed(store.create(&key, &record, TTL)).await),
+        ("load", timed(store.load(&key)).await),
+        (
+            "save",
+            timed(store.save(&key, &record, TTL, Version::new(1))).await,
+        ),
+        ("touch", timed(store.touch(&key, TTL)).await),
+        ("delete", timed(store.delete(&key)).await),
+    ];
+    for (operation, (elapsed, outcome)) in outcomes {
+        let error = outcome.expect_err(operation);
+        assert!(expected(&error), "{operation}: unexpected {error:?}");
+        assert!(
+            elapsed <= deadline + SLACK,
+            "{operation} took {elapsed:?}, deadline {deadline:?}"
+        );
+    }
+}
+
+/// Creates, loads and saves a new session; returns its key (holding `tagged("saved")`).
+pub async fn works<S: SessionStore>(store: &S) -> StorageKey {
+    let key = new_key();
+    let version = store.create(&key, &tagged("alive"), TTL).await.unwrap();
+    let loaded = store.load(&key).await.unwrap().unwrap();
+    assert_eq!(loaded.version, version);
+    store
+        .save(&key, &tagged("saved"), TTL, version)
+        .await
+        .unwrap();
+    key
+}
