@@ -2,20 +2,18 @@
 //! `session_core::store`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
-
-use async_trait::async_trait;
 
 use session_core::codec::encoded_record_len;
 use session_core::store::{MAX_TTL, MIN_TTL};
 use session_core::{
-    CommitStatus, KeyRing, LoadedRecord, Record, SessionConfig, SessionManager, SessionStore,
-    SigningKey, StorageKey, StoreError, Version,
+    CommitStatus, KeyRing, Record, SessionConfig, SessionManager, SessionStore, SigningKey,
+    StorageKey, StoreError, Version,
 };
 use tokio::task::JoinSet;
 
 use crate::new_key;
+use crate::recording::RecordingStore;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
@@ -557,45 +555,6 @@ fn test_manager<S: SessionStore + 'static>(store: S) -> SessionManager {
     SessionManager::new(Arc::new(store), SessionConfig::new(keys)).unwrap()
 }
 
-/// Forwards to a store and counts the conflicts its `save` reports.
-#[derive(Clone)]
-struct ConflictCounter<S> {
-    inner: S,
-    conflicts: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl<S: SessionStore> SessionStore for ConflictCounter<S> {
-    async fn create(&self, k: &StorageKey, r: &Record, t: Duration) -> Result<Version, StoreError> {
-        self.inner.create(k, r, t).await
-    }
-    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
-        self.inner.load(key).await
-    }
-    async fn save(
-        &self,
-        k: &StorageKey,
-        r: &Record,
-        t: Duration,
-        v: Version,
-    ) -> Result<Version, StoreError> {
-        let result = self.inner.save(k, r, t, v).await;
-        if matches!(result, Err(StoreError::Conflict)) {
-            self.conflicts.fetch_add(1, Ordering::Relaxed);
-        }
-        result
-    }
-    async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
-        self.inner.touch(key, ttl).await
-    }
-    async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
-        self.inner.delete(key).await
-    }
-    fn max_record_size(&self) -> usize {
-        self.inner.max_record_size()
-    }
-}
-
 /// Through the manager, 32 tasks each set their own key 50 times on one session at once, every
 /// task yielding between its load and its commit so that requests interleave; every last value
 /// persists (conflicts happen, and are replayed, never lost).
@@ -604,11 +563,8 @@ pub async fn manager_concurrent_commits_lose_no_update<S: SessionStore + Clone +
 ) {
     const TASKS: u32 = 32;
     const ROUNDS: u32 = 50;
-    let conflicts = Arc::new(AtomicUsize::new(0));
-    let manager = test_manager(ConflictCounter {
-        inner: store,
-        conflicts: Arc::clone(&conflicts),
-    });
+    let recording = RecordingStore::new(store);
+    let manager = test_manager(recording.clone());
     let mut session = manager.load(None).await.unwrap();
     session.insert("owner", "conformance").unwrap();
     let cookie = manager.commit(session).await.unwrap().cookie.unwrap().value;
@@ -643,7 +599,7 @@ pub async fn manager_concurrent_commits_lose_no_update<S: SessionStore + Clone +
         );
     }
     assert!(
-        conflicts.load(Ordering::Relaxed) > 0,
+        recording.conflicts() > 0,
         "no save conflicted, so the case proved nothing about replay"
     );
 }

@@ -24,6 +24,7 @@ pub mod cases;
 pub mod faults;
 pub mod harness;
 pub mod model;
+pub mod recording;
 
 /// A storage key for a new random session id under the default prefix.
 pub fn new_key() -> StorageKey {

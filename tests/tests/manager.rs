@@ -1,81 +1,19 @@
 //! The manager's request flow, observed through a store wrapper that counts and logs calls.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use session_core::codec::decode_record;
+use session_conformance::recording::RecordingStore;
 use session_core::{
-    CommitStatus, CookieConfig, KeyRing, LoadedRecord, Record, SameSite, SessionConfig,
-    SessionError, SessionManager, SessionStore, SigningKey, StorageKey, StoreError, Version,
+    CommitStatus, CookieConfig, KeyRing, SameSite, SessionConfig, SessionError, SessionManager,
+    SigningKey, StoreError,
 };
 use session_memory::MemoryStore;
 
-/// A `MemoryStore` that records every call, and can be told to fail loads.
-#[derive(Clone, Default)]
-struct Recording {
-    inner: MemoryStore,
-    calls: Arc<Mutex<Vec<&'static str>>>,
-    fail_loads: Arc<AtomicBool>,
-    corrupt_loads: Arc<AtomicBool>,
-}
-
-impl Recording {
-    fn calls(&self) -> Vec<&'static str> {
-        self.calls.lock().unwrap().clone()
-    }
-    fn take_calls(&self) -> Vec<&'static str> {
-        std::mem::take(&mut *self.calls.lock().unwrap())
-    }
-    fn log(&self, op: &'static str) {
-        self.calls.lock().unwrap().push(op);
-    }
-}
-
-#[async_trait]
-impl SessionStore for Recording {
-    async fn create(&self, k: &StorageKey, r: &Record, t: Duration) -> Result<Version, StoreError> {
-        self.log("create");
-        self.inner.create(k, r, t).await
-    }
-    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
-        self.log("load");
-        if self.fail_loads.load(Ordering::SeqCst) {
-            return Err(StoreError::Backend {
-                operation: "load",
-                source: "connection refused".into(),
-            });
-        }
-        if self.corrupt_loads.load(Ordering::SeqCst) {
-            return Err(StoreError::Decode(decode_record(&[0xee, 1]).unwrap_err()));
-        }
-        self.inner.load(key).await
-    }
-    async fn save(
-        &self,
-        k: &StorageKey,
-        r: &Record,
-        t: Duration,
-        v: Version,
-    ) -> Result<Version, StoreError> {
-        self.log("save");
-        self.inner.save(k, r, t, v).await
-    }
-    async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
-        self.log("touch");
-        self.inner.touch(key, ttl).await
-    }
-    async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
-        self.log("delete");
-        self.inner.delete(key).await
-    }
-    fn max_record_size(&self) -> usize {
-        self.inner.max_record_size()
-    }
-}
+type Recording = RecordingStore<MemoryStore>;
 
 fn key(byte: u8) -> SigningKey {
     SigningKey::new([byte; 32]).unwrap()
