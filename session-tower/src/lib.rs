@@ -1,0 +1,331 @@
+//! Sessions for tower services and axum handlers.
+//!
+//! [`SessionLayer`] wraps a service. For each request it reads the session cookie and puts a
+//! [`Session`] handle into the request's extensions; nothing is loaded until a handler touches
+//! the handle, so a request that never uses its session makes no store call. After the inner
+//! service has answered, the layer commits the session through the
+//! [`SessionManager`] and writes the `Set-Cookie` header from the manager's cookie directive.
+//! A store failure while committing turns the response into a 500 (configurable); an invalid
+//! cookie is simply a fresh session.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use axum::{Router, routing::get};
+//! use session_core::{KeyRing, SessionConfig, SessionManager, SigningKey};
+//! use session_memory::MemoryStore;
+//! use session_tower::{Session, SessionFailure, SessionLayer};
+//!
+//! async fn visits(session: Session) -> Result<String, SessionFailure> {
+//!     let visits: u32 = session.get("visits").await?.unwrap_or(0) + 1;
+//!     session.insert("visits", &visits).await?;
+//!     Ok(format!("visit number {visits}"))
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let keys = KeyRing::single(SigningKey::generate()?);
+//! let manager = SessionManager::new(Arc::new(MemoryStore::new()), SessionConfig::new(keys))?;
+//! let app: Router = Router::new()
+//!     .route("/", get(visits))
+//!     .layer(SessionLayer::new(manager));
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum_core::extract::FromRequestParts;
+use axum_core::response::{IntoResponse, Response};
+use http::header::{COOKIE, SET_COOKIE};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Request, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use session_core::{CookieDirective, SessionError, SessionManager};
+use tokio::sync::Mutex;
+
+/// The lazily loaded session of one request, shared by the layer and the handlers.
+struct Shared {
+    manager: SessionManager,
+    cookie: Option<String>,
+    slot: Mutex<Option<session_core::Session>>,
+}
+
+/// The session of the current request: an axum extractor, also found in the request's
+/// extensions by any tower service under [`SessionLayer`].
+///
+/// The first method call loads the session (one store call, or none for a missing or invalid
+/// cookie); the layer commits it after the response is produced. Clones share the session.
+#[derive(Clone)]
+pub struct Session {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    fn new(manager: SessionManager, cookie: Option<String>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                manager,
+                cookie,
+                slot: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Runs `f` on the loaded session, loading it first if needed.
+    async fn with<R>(
+        &self,
+        f: impl FnOnce(&mut session_core::Session) -> R,
+    ) -> Result<R, SessionError> {
+        let mut slot = self.shared.slot.lock().await;
+        let session = match &mut *slot {
+            Some(session) => session,
+            empty => empty.insert(
+                self.shared
+                    .manager
+                    .load(self.shared.cookie.as_deref())
+                    .await?,
+            ),
+        };
+        Ok(f(session))
+    }
+
+    /// The value named `name` decoded as `T`, or `None`.
+    pub async fn get<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, SessionError> {
+        self.with(|session| session.get(name)).await?
+    }
+
+    /// Sets the value named `name`.
+    pub async fn insert<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        value: &T,
+    ) -> Result<(), SessionError> {
+        self.with(|session| session.insert(name, value)).await?
+    }
+
+    /// Removes the value named `name`; returns whether there was one.
+    pub async fn remove(&self, name: &str) -> Result<bool, SessionError> {
+        self.with(|session| session.remove(name)).await
+    }
+
+    /// Removes every value.
+    pub async fn clear(&self) -> Result<(), SessionError> {
+        self.with(session_core::Session::clear).await
+    }
+
+    /// Gives the session a new id when the response is committed (after login).
+    pub async fn cycle_id(&self) -> Result<(), SessionError> {
+        self.with(session_core::Session::cycle_id).await
+    }
+
+    /// Ends the session: it is deleted and the cookie cleared when the response is committed.
+    pub async fn destroy(&self) -> Result<(), SessionError> {
+        self.with(session_core::Session::destroy).await
+    }
+
+    /// Whether no stored session stands behind this one.
+    pub async fn is_new(&self) -> Result<bool, SessionError> {
+        self.with(|session| session.is_new()).await
+    }
+
+    /// Commits the session if a handler used it; `None` when it was never loaded.
+    async fn commit(&self) -> Result<Option<CookieDirective>, SessionError> {
+        let Some(session) = self.shared.slot.lock().await.take() else {
+            return Ok(None);
+        };
+        Ok(self.shared.manager.commit(session).await?.cookie)
+    }
+}
+
+/// The handler-facing error of a session operation: answers 500 Internal Server Error.
+///
+/// `?` converts a [`SessionError`] into it, so handlers can return
+/// `Result<impl IntoResponse, SessionFailure>`.
+#[derive(Debug)]
+pub struct SessionFailure(pub SessionError);
+
+impl From<SessionError> for SessionFailure {
+    fn from(error: SessionError) -> Self {
+        Self(error)
+    }
+}
+
+impl fmt::Display for SessionFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for SessionFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+impl IntoResponse for SessionFailure {
+    fn into_response(self) -> Response {
+        tracing::error!(error = %self.0, source = ?std::error::Error::source(&self.0), "session operation failed");
+        (StatusCode::INTERNAL_SERVER_ERROR, "session unavailable").into_response()
+    }
+}
+
+/// The rejection when a handler asks for a [`Session`] but no [`SessionLayer`] is installed.
+#[derive(Debug)]
+pub struct MissingSessionLayer;
+
+impl IntoResponse for MissingSessionLayer {
+    fn into_response(self) -> Response {
+        tracing::error!("a handler asked for a Session, but no SessionLayer is installed");
+        (StatusCode::INTERNAL_SERVER_ERROR, "session layer missing").into_response()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Session {
+    type Rejection = MissingSessionLayer;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Session>()
+            .cloned()
+            .ok_or(MissingSessionLayer)
+    }
+}
+
+/// Adds sessions to a service. See the [crate documentation](crate).
+#[derive(Clone, Debug)]
+pub struct SessionLayer {
+    manager: SessionManager,
+    failure_status: StatusCode,
+}
+
+impl SessionLayer {
+    /// A layer over `manager`; a failed commit answers 500.
+    pub fn new(manager: SessionManager) -> Self {
+        Self {
+            manager,
+            failure_status: StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The status that replaces the response when committing the session fails (for example
+    /// 503 Service Unavailable).
+    pub fn failure_status(mut self, status: StatusCode) -> Self {
+        self.failure_status = status;
+        self
+    }
+}
+
+impl<S> tower_layer::Layer<S> for SessionLayer {
+    type Service = SessionService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SessionService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service [`SessionLayer`] produces.
+#[derive(Clone, Debug)]
+pub struct SessionService<S> {
+    inner: S,
+    layer: SessionLayer,
+}
+
+/// The value of the first cookie named `name` in the request's `Cookie` headers.
+fn request_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            (key == name).then(|| value.trim_matches('"').to_owned())
+        })
+}
+
+impl<S, RequestBody, ResponseBody> tower_service::Service<Request<RequestBody>>
+    for SessionService<S>
+where
+    S: tower_service::Service<Request<RequestBody>, Response = http::Response<ResponseBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    RequestBody: Send + 'static,
+    ResponseBody: Default + Send + 'static,
+{
+    type Response = http::Response<ResponseBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
+        let name = self.layer.manager.config().cookie_config().cookie_name();
+        let cookie = request_cookie(request.headers(), name);
+        let session = Session::new(self.layer.manager.clone(), cookie);
+        request.extensions_mut().insert(session.clone());
+        // The clone that was made ready by poll_ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let failure_status = self.layer.failure_status;
+        Box::pin(async move {
+            let mut response = inner.call(request).await?;
+            match session.commit().await {
+                Ok(Some(directive)) => match HeaderValue::from_str(&directive.to_header_value()) {
+                    Ok(value) => {
+                        response.headers_mut().append(SET_COOKIE, value);
+                    }
+                    Err(_) => tracing::error!("the session cookie is not a valid header value"),
+                },
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(%error, source = ?std::error::Error::source(&error), "committing the session failed");
+                    let mut failed = http::Response::new(ResponseBody::default());
+                    *failed.status_mut() = failure_status;
+                    response = failed;
+                }
+            }
+            Ok(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_named_cookie_is_found_among_others() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            COOKIE,
+            HeaderValue::from_static("a=1; session=abc.def; b=2"),
+        );
+        assert_eq!(
+            request_cookie(&headers, "session").as_deref(),
+            Some("abc.def")
+        );
+        assert_eq!(request_cookie(&headers, "sess"), None);
+        headers.append(COOKIE, HeaderValue::from_static("other=x"));
+        assert_eq!(request_cookie(&headers, "other").as_deref(), Some("x"));
+        let mut odd = HeaderMap::new();
+        odd.append(COOKIE, HeaderValue::from_static("novalue; =x; session"));
+        assert_eq!(request_cookie(&odd, "session"), None);
+    }
+}

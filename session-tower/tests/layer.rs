@@ -1,0 +1,277 @@
+//! The layer and the extractor, driven with requests through an axum router.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use http::header::{COOKIE, SET_COOKIE};
+use http::{Request, Response, StatusCode};
+use session_conformance::recording::RecordingStore;
+use session_core::{KeyRing, SessionConfig, SessionManager, SigningKey};
+use session_memory::MemoryStore;
+use session_tower::{Session, SessionFailure, SessionLayer};
+use tower::ServiceExt;
+
+type Store = RecordingStore<MemoryStore>;
+
+fn app(store: &Store) -> Router {
+    app_with(store, |layer| layer)
+}
+
+fn app_with(store: &Store, configure: impl FnOnce(SessionLayer) -> SessionLayer) -> Router {
+    let keys = KeyRing::single(SigningKey::new([4u8; 32]).unwrap());
+    let manager = SessionManager::new(Arc::new(store.clone()), SessionConfig::new(keys)).unwrap();
+    Router::new()
+        .route("/untouched", get(|| async { "no session here" }))
+        .route(
+            "/set/{key}/{value}",
+            get(
+                |session: Session,
+                 axum::extract::Path((key, value)): axum::extract::Path<(String, String)>| async move {
+                    session.insert(&key, &value).await?;
+                    Ok::<_, SessionFailure>("set")
+                },
+            ),
+        )
+        .route(
+            "/slow/{key}/{value}",
+            get(
+                |session: Session,
+                 axum::extract::Path((key, value)): axum::extract::Path<(String, String)>| async move {
+                    session.insert(&key, &value).await?;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    Ok::<_, SessionFailure>("set slowly")
+                },
+            ),
+        )
+        .route(
+            "/get/{key}",
+            get(
+                |session: Session, axum::extract::Path(key): axum::extract::Path<String>| async move {
+                    let value: Option<String> = session.get(&key).await?;
+                    Ok::<_, SessionFailure>(value.unwrap_or_else(|| "-".into()))
+                },
+            ),
+        )
+        .route(
+            "/login",
+            get(|session: Session| async move {
+                session.insert("user", "alice").await?;
+                session.cycle_id().await?;
+                Ok::<_, SessionFailure>("in")
+            }),
+        )
+        .route(
+            "/logout",
+            get(|session: Session| async move {
+                session.destroy().await?;
+                Ok::<_, SessionFailure>("out")
+            }),
+        )
+        .layer(configure(SessionLayer::new(manager)))
+}
+
+async fn send(app: &Router, path: &str, cookie: Option<&str>) -> Response<Body> {
+    let mut request = Request::builder().uri(path);
+    if let Some(cookie) = cookie {
+        request = request.header(COOKIE, format!("theme=dark; session={cookie}"));
+    }
+    app.clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap()
+}
+
+/// The session cookie's value from `Set-Cookie`, if the response sets one.
+fn set_cookie(response: &Response<Body>) -> Option<String> {
+    let header = response.headers().get(SET_COOKIE)?.to_str().unwrap();
+    let value = header.strip_prefix("session=")?.split(';').next().unwrap();
+    Some(value.to_owned())
+}
+
+async fn body(response: Response<Body>) -> String {
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn a_handler_that_never_touches_the_session_causes_zero_store_calls() {
+    let store = Store::default();
+    let app = app(&store);
+    let cookie = set_cookie(&send(&app, "/set/a/1", None).await).unwrap();
+    store.take_calls();
+
+    let response = send(&app, "/untouched", Some(&cookie)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().get(SET_COOKIE).is_none());
+    let response = send(&app, "/untouched", None).await;
+    assert!(response.headers().get(SET_COOKIE).is_none());
+    assert_eq!(store.calls(), Vec::<&str>::new());
+}
+
+#[tokio::test]
+async fn values_persist_across_requests_through_the_cookie() {
+    let store = Store::default();
+    let app = app(&store);
+    let first = send(&app, "/set/colour/blue", None).await;
+    let header = first
+        .headers()
+        .get(SET_COOKIE)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        header.contains("HttpOnly") && header.contains("SameSite=Lax"),
+        "{header}"
+    );
+    let cookie = set_cookie(&first).unwrap();
+    assert_eq!(
+        body(send(&app, "/get/colour", Some(&cookie)).await).await,
+        "blue"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_requests_of_one_browser_changing_different_keys_both_persist() {
+    let store = Store::default();
+    let app = app(&store);
+    let cookie = set_cookie(&send(&app, "/set/start/1", None).await).unwrap();
+    for round in 0..10 {
+        // Each handler waits after loading and changing, so both requests hold the same
+        // version before either commits: the second commit conflicts and must replay.
+        let (path_a, path_b) = (format!("/slow/a/{round}"), format!("/slow/b/{round}"));
+        let (a, b) = tokio::join!(
+            send(&app, &path_a, Some(&cookie)),
+            send(&app, &path_b, Some(&cookie)),
+        );
+        assert_eq!(a.status(), StatusCode::OK);
+        assert_eq!(b.status(), StatusCode::OK);
+        assert_eq!(
+            body(send(&app, "/get/a", Some(&cookie)).await).await,
+            round.to_string()
+        );
+        assert_eq!(
+            body(send(&app, "/get/b", Some(&cookie)).await).await,
+            round.to_string()
+        );
+    }
+    assert!(store.conflicts() >= 10, "the requests did not overlap");
+}
+
+#[tokio::test]
+async fn a_tampered_cookie_gives_a_fresh_session_and_a_new_cookie() {
+    let store = Store::default();
+    let app = app(&store);
+    let cookie = set_cookie(&send(&app, "/set/secret/1", None).await).unwrap();
+    let mut tampered = cookie.clone().into_bytes();
+    tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    store.take_calls();
+
+    let response = send(&app, "/get/secret", Some(&tampered)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers().get(SET_COOKIE).is_none(),
+        "nothing stored, no cookie"
+    );
+    assert_eq!(body(response).await, "-");
+    assert!(
+        store.take_calls().is_empty(),
+        "a tampered cookie reached the store"
+    );
+
+    let response = send(&app, "/set/mine/2", Some(&tampered)).await;
+    let fresh = set_cookie(&response).expect("a fresh session gets a cookie");
+    assert_ne!(fresh, tampered);
+    assert_ne!(fresh, cookie);
+    assert_eq!(store.take_calls(), ["create"]);
+    assert_eq!(
+        body(send(&app, "/get/secret", Some(&fresh)).await).await,
+        "-"
+    );
+}
+
+#[tokio::test]
+async fn login_cycles_the_id_and_logout_clears_the_cookie() {
+    let store = Store::default();
+    let app = app(&store);
+    let before = set_cookie(&send(&app, "/set/cart/tea", None).await).unwrap();
+    let after = set_cookie(&send(&app, "/login", Some(&before)).await).unwrap();
+    assert_ne!(before, after);
+    assert_eq!(
+        body(send(&app, "/get/user", Some(&after)).await).await,
+        "alice"
+    );
+    assert_eq!(
+        body(send(&app, "/get/cart", Some(&after)).await).await,
+        "tea"
+    );
+    assert_eq!(
+        body(send(&app, "/get/user", Some(&before)).await).await,
+        "-"
+    );
+
+    let response = send(&app, "/logout", Some(&after)).await;
+    let header = response
+        .headers()
+        .get(SET_COOKIE)
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(header.starts_with("session=; Max-Age=0"), "{header}");
+    assert_eq!(body(send(&app, "/get/user", Some(&after)).await).await, "-");
+}
+
+#[tokio::test]
+async fn store_errors_become_server_errors_never_panics() {
+    let store = Store::default();
+    let app = app(&store);
+    let cookie = set_cookie(&send(&app, "/set/a/1", None).await).unwrap();
+
+    store.fail_writes.store(true, Ordering::SeqCst);
+    assert_eq!(
+        send(&app, "/set/a/2", Some(&cookie)).await.status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        send(&app, "/set/new/1", None).await.status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    store.fail_writes.store(false, Ordering::SeqCst);
+
+    store.fail_loads.store(true, Ordering::SeqCst);
+    assert_eq!(
+        send(&app, "/get/a", Some(&cookie)).await.status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    // A request that never touches the session is unaffected by the store being down.
+    assert_eq!(
+        send(&app, "/untouched", Some(&cookie)).await.status(),
+        StatusCode::OK
+    );
+    store.fail_loads.store(false, Ordering::SeqCst);
+
+    let unavailable = app_with(&store, |layer| {
+        layer.failure_status(StatusCode::SERVICE_UNAVAILABLE)
+    });
+    store.fail_writes.store(true, Ordering::SeqCst);
+    assert_eq!(
+        send(&unavailable, "/set/a/3", Some(&cookie)).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test]
+async fn a_session_extractor_without_the_layer_is_a_server_error() {
+    let app: Router = Router::new().route("/", get(|_: Session| async { "unreachable" }));
+    let response = app
+        .oneshot(Request::builder().uri("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+}
