@@ -1,0 +1,184 @@
+//! The demo web application: a page that counts the visitor's visits, a login form (any user
+//! name; logging in cycles the session id), a page only a logged-in user can see, and logout.
+//!
+//! Configuration, all from the environment:
+//! - `SESSION_STORE_URL`: `memory://` (the default), `memcached://host:port[,host:port]...`,
+//!   `redis://...`, `rediss://...` or `redis+cluster://...`;
+//! - `SESSION_SECRET`: the signing key, at least 32 bytes (a random one, with a warning, when
+//!   unset: sessions then end when the process does);
+//! - `SESSION_DEMO_ADDR`: where to listen (default `127.0.0.1:8080`; port 0 picks a free one);
+//! - `SESSION_COOKIE_SECURE=1`: mark the cookie `Secure` (off by default, since the demo
+//!   serves plain HTTP).
+//!
+//! It prints `listening on http://<address>` once it accepts connections.
+
+use std::error::Error;
+use std::io::Write;
+use std::sync::Arc;
+
+use axum::Form;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use session_core::{
+    CookieConfig, KeyRing, SessionConfig, SessionManager, SessionStore, SigningKey,
+};
+use session_memcached::MemcachedStore;
+use session_memory::MemoryStore;
+use session_redis::RedisStore;
+use session_tower::{Session, SessionFailure, SessionLayer};
+
+/// Builds the store a `SESSION_STORE_URL` names.
+async fn store_from_url(url: &str) -> Result<Arc<dyn SessionStore>, Box<dyn Error>> {
+    if url == "memory://" || url.is_empty() {
+        Ok(Arc::new(MemoryStore::new()))
+    } else if url.starts_with("memcached://") {
+        Ok(Arc::new(MemcachedStore::from_url(url).await?))
+    } else if url.starts_with("redis") {
+        Ok(Arc::new(RedisStore::from_url(url).await?))
+    } else {
+        Err(format!(
+            "SESSION_STORE_URL must start with memory://, memcached:// or redis (got {:?})",
+            url.split("://").next().unwrap_or_default()
+        )
+        .into())
+    }
+}
+
+fn signing_key() -> Result<SigningKey, Box<dyn Error>> {
+    match std::env::var("SESSION_SECRET") {
+        Ok(secret) => Ok(SigningKey::new(secret)?),
+        Err(_) => {
+            eprintln!(
+                "warning: SESSION_SECRET is not set; using a random key, so sessions end when \
+                 this process does"
+            );
+            Ok(SigningKey::generate()?)
+        }
+    }
+}
+
+/// The demo's router over `manager`.
+fn app(manager: SessionManager) -> Router {
+    Router::new()
+        .route("/", get(home))
+        .route("/login", get(login_form).post(login))
+        .route("/private", get(private))
+        .route("/logout", axum::routing::post(logout))
+        .layer(SessionLayer::new(manager))
+}
+
+fn escape(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_owned(),
+            '<' => "&lt;".to_owned(),
+            '>' => "&gt;".to_owned(),
+            '"' => "&quot;".to_owned(),
+            '\'' => "&#39;".to_owned(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+fn page(title: &str, body: &str) -> Html<String> {
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title></head>\
+         <body><h1>{title}</h1>{body}<nav><a href=\"/\">home</a> · <a href=\"/login\">login</a> · \
+         <a href=\"/private\">private</a></nav></body></html>"
+    ))
+}
+
+async fn home(session: Session) -> Result<Html<String>, SessionFailure> {
+    let visits: u64 = session.get("visits").await?.unwrap_or(0) + 1;
+    session.insert("visits", &visits).await?;
+    let user: Option<String> = session.get("user").await?;
+    let who = match user {
+        Some(user) => format!("<p id=\"user\">{}</p>", escape(&user)),
+        None => "<p id=\"user\">anonymous</p>".to_owned(),
+    };
+    Ok(page(
+        "Visits",
+        &format!("<p>Visits: <span id=\"visits\">{visits}</span></p>{who}"),
+    ))
+}
+
+async fn login_form() -> Html<String> {
+    page(
+        "Log in",
+        "<form method=\"post\" action=\"/login\">\
+         <label>User name <input id=\"username\" name=\"username\" required></label>\
+         <button id=\"login\" type=\"submit\">Log in</button></form>",
+    )
+}
+
+#[derive(Deserialize)]
+struct Login {
+    username: String,
+}
+
+async fn login(session: Session, Form(login): Form<Login>) -> Result<Response, SessionFailure> {
+    let username = login.username.trim();
+    if username.is_empty() {
+        return Ok((StatusCode::BAD_REQUEST, "a user name is required").into_response());
+    }
+    session.insert("user", username).await?;
+    session.cycle_id().await?;
+    Ok(Redirect::to("/private").into_response())
+}
+
+async fn private(session: Session) -> Result<Response, SessionFailure> {
+    let user: Option<String> = session.get("user").await?;
+    Ok(match user {
+        Some(user) => page(
+            "Private",
+            &format!(
+                "<p>Hello, <span id=\"user\">{}</span>.</p>\
+                 <form method=\"post\" action=\"/logout\"><button id=\"logout\" type=\"submit\">\
+                 Log out</button></form>",
+                escape(&user)
+            ),
+        )
+        .into_response(),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            page(
+                "Private",
+                "<p id=\"user\">not logged in</p><p><a href=\"/login\">Log in</a> first.</p>",
+            ),
+        )
+            .into_response(),
+    })
+}
+
+async fn logout(session: Session) -> Result<Redirect, SessionFailure> {
+    session.destroy().await?;
+    Ok(Redirect::to("/"))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error>> {
+    let url = std::env::var("SESSION_STORE_URL").unwrap_or_else(|_| "memory://".to_owned());
+    let store = store_from_url(&url).await?;
+    let secure = std::env::var("SESSION_COOKIE_SECURE").as_deref() == Ok("1");
+    let config = SessionConfig::new(KeyRing::single(signing_key()?))
+        .cookie(CookieConfig::default().name("demo_session").secure(secure));
+    let manager = SessionManager::new(store, config)?;
+
+    let address = std::env::var("SESSION_DEMO_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
+    let listener = tokio::net::TcpListener::bind(&address).await?;
+    println!(
+        "listening on http://{} (sessions in {})",
+        listener.local_addr()?,
+        url.split("://").next().unwrap_or("memory")
+    );
+    std::io::stdout().flush()?;
+    axum::serve(listener, app(manager))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
