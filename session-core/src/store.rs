@@ -21,9 +21,9 @@
 //! - **delete** `(key)` removes the entry; deleting a missing entry succeeds.
 //! - **TTL**: every TTL from [`MIN_TTL`] (one second) to [`MAX_TTL`] (400 days) works on every
 //!   backend; one outside that range is [`StoreError::InvalidTtl`] and nothing is written.
-//!   Backends with whole-second expiry round up, so an entry may outlive its TTL by up to a
-//!   second (and report up to a second more in `expires_in`). Create, save and touch all set
-//!   the TTL.
+//!   An entry never expires before its TTL has passed. Backends with whole-second expiry
+//!   round up, so an entry may outlive its TTL by up to two seconds (and report up to two
+//!   seconds more in `expires_in`). Create, save and touch all set the TTL.
 //! - **Size**: a record whose encoding is over [`SessionStore::max_record_size`] is
 //!   [`StoreError::TooLarge`], detected before anything is sent, and nothing is written.
 //! - **Values** are arbitrary bytes; stores must be binary safe.

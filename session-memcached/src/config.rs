@@ -132,6 +132,21 @@ impl MemcachedConfig {
         2 * self.connect_timeout + self.io_timeout
     }
 
+    /// The longest store-level key prefix accepted, in bytes.
+    pub const MAX_KEY_PREFIX_LEN: usize = 64;
+
+    /// Checks the settings and brings every server address to `host:port` form (the same
+    /// form `from_url` gives, so routing is the same however the servers were named).
+    pub(crate) fn validated(mut self) -> Result<Self, ConfigError> {
+        self.servers = self
+            .servers
+            .iter()
+            .map(|server| normalize_server(server))
+            .collect::<Result<_, _>>()?;
+        self.validate()?;
+        Ok(self)
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.servers.is_empty() {
             return Err(ConfigError::NoServers);
@@ -139,7 +154,9 @@ impl MemcachedConfig {
         if self.connect_timeout.is_zero() || self.io_timeout.is_zero() {
             return Err(ConfigError::ZeroTimeout);
         }
-        if !self.key_prefix.bytes().all(|b| b.is_ascii_graphic()) {
+        if self.key_prefix.len() > Self::MAX_KEY_PREFIX_LEN
+            || !self.key_prefix.bytes().all(|b| b.is_ascii_graphic())
+        {
             return Err(ConfigError::InvalidKeyPrefix);
         }
         if self.max_item_size <= Self::ITEM_OVERHEAD {
@@ -159,7 +176,9 @@ fn to_usize(value: u64, parameter: &str) -> Result<usize, UrlError> {
 
 /// `host` or `host:port` or `[v6]` or `[v6]:port`, with the default port added.
 fn normalize_server(host: &str) -> Result<String, UrlError> {
-    let bad = || UrlError::BadServer(host.to_owned());
+    // Anything before an `@` could be credentials: never echo it in an error.
+    let shown = host.rsplit_once('@').map_or(host, |(_, after)| after);
+    let bad = || UrlError::BadServer(shown.to_owned());
     if let Some(bracketed) = host.strip_prefix('[') {
         let (address, after) = bracketed.split_once(']').ok_or_else(bad)?;
         if address.is_empty() {
@@ -231,7 +250,8 @@ pub enum ConfigError {
     NoServers,
     /// A timeout of zero.
     ZeroTimeout,
-    /// The key prefix has characters memcached keys cannot hold (whitespace, control, non-ASCII).
+    /// The key prefix is longer than 64 bytes or has characters memcached keys cannot hold
+    /// (whitespace, control, non-ASCII).
     InvalidKeyPrefix,
     /// The maximum item size leaves no room for a record.
     ItemSizeTooSmall {
@@ -240,6 +260,8 @@ pub enum ConfigError {
     },
     /// A server address could not be resolved.
     Resolve(memcache::exp::Error),
+    /// Resolving the server addresses took longer than the connect timeout.
+    ResolveTimeout,
 }
 
 impl fmt::Display for ConfigError {
@@ -255,6 +277,7 @@ impl fmt::Display for ConfigError {
                 write!(f, "the maximum item size must be at least {min}")
             }
             Self::Resolve(_) => f.write_str("a memcached server address could not be resolved"),
+            Self::ResolveTimeout => f.write_str("resolving the memcached servers timed out"),
         }
     }
 }
@@ -304,6 +327,34 @@ mod tests {
             MemcachedConfig::from_url("memcached://localhost/").unwrap(),
             MemcachedConfig::new(["localhost:11211"])
         );
+    }
+
+    #[test]
+    fn errors_never_echo_credentials() {
+        let error = MemcachedConfig::from_url("memcached://user:secret@host:x").unwrap_err();
+        assert_eq!(error, UrlError::BadServer("host:x".into()));
+        assert!(!format!("{error} {error:?}").contains("secret"));
+    }
+
+    #[test]
+    fn addresses_given_in_code_are_normalized_like_urls() {
+        let config = MemcachedConfig::new(["localhost", "[::1]", "10.0.0.1:11300"])
+            .validated()
+            .unwrap();
+        assert_eq!(
+            config.servers(),
+            ["localhost:11211", "[::1]:11211", "10.0.0.1:11300"]
+        );
+        assert!(matches!(
+            MemcachedConfig::new(["bad host"]).validated(),
+            Err(ConfigError::Url(UrlError::BadServer(_)))
+        ));
+        assert!(matches!(
+            MemcachedConfig::new(["h"])
+                .key_prefix("p".repeat(65))
+                .validated(),
+            Err(ConfigError::InvalidKeyPrefix)
+        ));
     }
 
     #[test]

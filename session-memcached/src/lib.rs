@@ -12,8 +12,12 @@
 //! | `touch` | `mg <key> T<ttl>` without the value |
 //! | `delete` | `md <key>` |
 //!
-//! TTLs are rounded up to whole seconds; those above 30 days are sent as absolute timestamps
-//! (memcached's rule), which the client does. Every operation is bounded by
+//! TTLs are sent as whole seconds rounded up, plus one: memcached's clock ticks once a second,
+//! so an item stored with `T<n>` may expire up to a second before `n` seconds have passed. With
+//! the extra second an entry never expires early, and outlives its TTL by at most two seconds.
+//! TTLs above 30 days are sent as absolute timestamps (memcached's rule), which the client does.
+//! A server started with CAS disabled (`-C`) cannot hold sessions safely and is reported as a
+//! backend error. Every operation is bounded by
 //! [`MemcachedConfig::operation_deadline`]: a dead server gives [`StoreError::Backend`], a hung
 //! one [`StoreError::Timeout`], and the store recovers by itself when the server is back
 //! (dead pooled connections are dropped and redialed).
@@ -75,14 +79,16 @@ impl MemcachedStore {
     /// Connections are dialed on first use, so a server that is down now fails operations,
     /// not construction.
     pub async fn connect(config: MemcachedConfig) -> Result<Self, ConfigError> {
-        config.validate()?;
-        let client = AsyncMetaClient::builder()
+        let config = config.validated()?;
+        let resolve = AsyncMetaClient::builder()
             .connect_timeout(Some(config.connect_timeout))
             .io_timeout(Some(config.io_timeout))
             .max_idle(config.max_idle)
             .max_connections(config.max_connections)
-            .connect_multiple_async(config.servers.iter().map(String::as_str))
+            .connect_multiple_async(config.servers.iter().map(String::as_str));
+        let client = tokio::time::timeout(config.connect_timeout, resolve)
             .await
+            .map_err(|_| ConfigError::ResolveTimeout)?
             .map_err(ConfigError::Resolve)?;
         Ok(Self {
             client,
@@ -150,13 +156,30 @@ fn map_error(operation: &'static str, error: memcache::exp::Error, after: Durati
     }
 }
 
+/// The TTL to send for `ttl`: whole seconds rounded up, plus one for memcached's coarse clock.
+fn wire_ttl(ttl: Duration) -> Ttl {
+    Ttl::from(ttl + Duration::from_secs(1))
+}
+
+/// A CAS value of zero means the server runs with CAS disabled (`-C`): every compare would
+/// match, so versions would mean nothing.
+fn checked_cas(operation: &'static str, cas: u64) -> Result<Version, StoreError> {
+    if cas == 0 {
+        return Err(unexpected(
+            operation,
+            "memcached runs with CAS disabled (-C); sessions need CAS".into(),
+        ));
+    }
+    Ok(Version::new(cas))
+}
+
 /// The version of an applied write: the item's new CAS value.
 fn written_version(
     operation: &'static str,
     result: memcache::exp::MutationResult,
 ) -> Result<Version, StoreError> {
     match (result.status, result.cas) {
-        (MutationStatus::Applied, Some(cas)) => Ok(Version::new(cas)),
+        (MutationStatus::Applied, Some(cas)) => checked_cas(operation, cas),
         (MutationStatus::Applied, None) => {
             Err(unexpected(operation, "no CAS value in the reply".into()))
         }
@@ -185,7 +208,7 @@ impl SessionStore for MemcachedStore {
         let request = self
             .client
             .set(item_key.as_bytes(), &bytes)
-            .ttl(Ttl::from(ttl))
+            .ttl(wire_ttl(ttl))
             .add()
             .return_cas()
             .send();
@@ -207,10 +230,11 @@ impl SessionStore for MemcachedStore {
         let (GetStatus::Hit, Some(bytes)) = (result.status, result.value) else {
             return Ok(None);
         };
-        let version = result
+        let cas = result
             .item
             .cas
             .ok_or_else(|| unexpected("load", "no CAS value in the reply".into()))?;
+        let version = checked_cas("load", cas)?;
         let expires_in = result
             .item
             .ttl
@@ -218,7 +242,7 @@ impl SessionStore for MemcachedStore {
             .map(Duration::from_secs);
         Ok(Some(LoadedRecord {
             record: decode_record(&bytes)?,
-            version: Version::new(version),
+            version,
             expires_in,
         }))
     }
@@ -236,7 +260,7 @@ impl SessionStore for MemcachedStore {
         let request = self
             .client
             .set(item_key.as_bytes(), &bytes)
-            .ttl(Ttl::from(ttl))
+            .ttl(wire_ttl(ttl))
             .compare_cas(version.get())
             .return_cas()
             .send();
@@ -254,7 +278,7 @@ impl SessionStore for MemcachedStore {
         let request = self
             .client
             .get(item_key.as_bytes())
-            .touch(Ttl::from(ttl))
+            .touch(wire_ttl(ttl))
             .without_value()
             .send();
         let result = self.run("touch", request).await?;

@@ -125,3 +125,22 @@ async fn urls_with_several_servers_build_a_working_store() {
     }
     assert!(servers.iter().all(|s| s.memcached_item_count() > 0));
 }
+
+#[tokio::test]
+async fn loads_report_the_remaining_ttl() {
+    let Some(server) = ServerProcess::start(ServerKind::Memcached) else {
+        return;
+    };
+    let store = MemcachedStore::connect(MemcachedConfig::new([server.address()]))
+        .await
+        .unwrap();
+    let key = new_key();
+    let ttl = Duration::from_secs(600);
+    store
+        .create(&key, &Record::new(SystemTime::now()), ttl)
+        .await
+        .unwrap();
+    let left = store.load(&key).await.unwrap().unwrap().expires_in;
+    let left = left.expect("memcached reports the remaining TTL");
+    assert!(left > ttl - Duration::from_secs(5) && left <= ttl + Duration::from_secs(2));
+}

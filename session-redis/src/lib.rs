@@ -162,6 +162,9 @@ impl RedisStore {
                     redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
                         .connection_timeout(config.connect_timeout)
                         .response_timeout(config.response_timeout)
+                        // By default a whole request, redirects and reconnects included, must
+                        // fit in one response timeout; allow the store's full deadline.
+                        .overall_response_timeout(Some(config.operation_deadline()))
                         .retries(1)
                         .build()
                         .map_err(ConfigError::Client)?;

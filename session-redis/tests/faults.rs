@@ -110,24 +110,28 @@ async fn a_killed_cluster_node_gives_typed_errors_for_its_slots_only() {
     let store = RedisStore::connect(config).await.unwrap();
     let mut keys = Vec::new();
     for _ in 0..60 {
-        keys.push(works(&store).await);
+        let key = works(&store).await;
+        let node = cluster
+            .node_holding(key.as_str())
+            .expect("every key is on some node");
+        keys.push((key, node));
     }
+    assert!(keys.iter().any(|(_, node)| *node == 0));
     cluster.nodes()[0].kill();
-    let (mut lost, mut kept) = (0, 0);
-    for key in &keys {
+    // Past the cluster's node timeout, so the others have marked the node as failed; they
+    // keep serving their own slots (full coverage is not required).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for (key, node) in &keys {
         let started = std::time::Instant::now();
-        match store.load(key).await {
-            Ok(found) => {
-                assert_eq!(found.expect("a key on a live node").record, tagged("saved"));
-                kept += 1;
-            }
-            Err(error) => {
-                assert!(is_backend_or_timeout(&error), "{error:?}");
-                lost += 1;
-            }
-        }
+        let outcome = store.load(key).await;
         // A dead node may cost a reconnect attempt and a retry on top of one request.
         assert!(started.elapsed() <= 2 * deadline + session_conformance::faults::SLACK);
+        if *node == 0 {
+            let error = outcome.expect_err("a key on the killed node");
+            assert!(is_backend_or_timeout(&error), "{error:?}");
+        } else {
+            let found = outcome.expect("a key on a live node loads");
+            assert_eq!(found.expect("still stored").record, tagged("saved"));
+        }
     }
-    assert!(lost > 0 && kept > 0, "lost {lost}, kept {kept}");
 }

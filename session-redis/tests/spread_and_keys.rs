@@ -100,3 +100,30 @@ async fn no_redis_key_holds_a_session_id_in_a_cluster() {
     let store = RedisStore::connect(config).await.unwrap();
     check_no_raw_ids(&manager(store), &cluster.seed_urls()).await;
 }
+
+#[tokio::test]
+async fn loads_report_the_remaining_ttl_in_milliseconds() {
+    let Some(server) = ServerProcess::start(ServerKind::Redis) else {
+        return;
+    };
+    let store = RedisStore::from_url(&format!("redis://{}", server.address()))
+        .await
+        .unwrap();
+    let key = new_key();
+    let ttl = Duration::from_millis(600_250);
+    store
+        .create(&key, &Record::new(SystemTime::now()), ttl)
+        .await
+        .unwrap();
+    let left = store.load(&key).await.unwrap().unwrap().expires_in;
+    let left = left.expect("Redis reports the remaining TTL");
+    assert!(
+        left > ttl - Duration::from_secs(5) && left <= ttl,
+        "{left:?}"
+    );
+    assert_ne!(
+        left.subsec_millis(),
+        0,
+        "millisecond precision expected: {left:?}"
+    );
+}

@@ -113,6 +113,13 @@ impl ServerProcess {
 
     /// Starts a server with extra command-line arguments.
     pub fn start_with(kind: ServerKind, extra_args: &[&str]) -> Option<Self> {
+        let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
+        Self::start_with_args(kind, || extra_args.clone())
+    }
+
+    /// Starts a server with extra arguments drawn anew for every attempt (so that a port in
+    /// them that turned out to be taken is replaced on the next try).
+    pub fn start_with_args(kind: ServerKind, extra_args: impl Fn() -> Vec<String>) -> Option<Self> {
         let binary = find_server_binary(kind)?;
         let mut last_error = String::new();
         for _ in 0..5 {
@@ -120,7 +127,7 @@ impl ServerProcess {
                 kind,
                 binary: binary.clone(),
                 port: free_port(),
-                extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+                extra_args: extra_args(),
                 child: None,
             };
             match server.spawn_and_wait() {
@@ -147,7 +154,19 @@ impl ServerProcess {
     }
 
     fn spawn_and_wait(&mut self) -> Result<(), String> {
-        let mut command = Command::new(&self.binary);
+        // Through setpriv, when present, the server gets SIGKILL if the test process dies
+        // without dropping it (killed by a timeout, say), so no server outlives its test run.
+        // setpriv executes the server in place: the pid stays the server's.
+        let mut command = match setpriv() {
+            Some(setpriv) => {
+                let mut command = Command::new(setpriv);
+                command
+                    .args(["--pdeathsig", "KILL", "--"])
+                    .arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
         command
             .args(self.kind.args(self.port))
             .args(&self.extra_args)
@@ -171,7 +190,13 @@ impl ServerProcess {
                 .command_line(probe)
                 .is_ok_and(|reply| reply.starts_with(expected))
             {
-                return Ok(());
+                // Something answers on the port; make sure it is this process and not another
+                // test's server that got the port first.
+                if self.serving_pid() == self.pid() {
+                    return Ok(());
+                }
+                self.kill();
+                return Err(format!("port {} is taken by another server", self.port));
             }
             if Instant::now() > deadline {
                 self.kill();
@@ -179,6 +204,38 @@ impl ServerProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The pid the server on this port reports about itself.
+    fn serving_pid(&self) -> Option<u32> {
+        let (lines, prefix) = match self.kind {
+            ServerKind::Memcached => (self.command_until_end("stats\r\n").ok()?, "STAT pid "),
+            ServerKind::Redis => {
+                let info = self.redis_bulk("INFO server\r\n").ok()?;
+                (info.lines().map(str::to_owned).collect(), "process_id:")
+            }
+        };
+        lines
+            .iter()
+            .find_map(|line| line.strip_prefix(prefix))
+            .and_then(|pid| pid.trim().parse().ok())
+    }
+
+    /// Sends an inline Redis command whose reply is a bulk string, and returns that string.
+    pub fn redis_bulk(&self, command: &str) -> std::io::Result<String> {
+        let mut reader = BufReader::new(self.connect()?);
+        reader.get_mut().write_all(command.as_bytes())?;
+        let mut header = String::new();
+        reader.read_line(&mut header)?;
+        let len: usize = header
+            .trim()
+            .strip_prefix('$')
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not a bulk reply: {header:?}")))?;
+        let mut body = vec![0u8; len + 2];
+        reader.read_exact(&mut body)?;
+        body.truncate(len);
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
     /// The port it listens on.
@@ -318,28 +375,6 @@ impl ServerProcess {
             .and_then(|n| n.trim().parse().ok())
             .expect("curr_items in stats")
     }
-
-    /// Reads a raw reply of unknown length until the server stops sending for a moment.
-    pub fn raw_exchange(&self, request: &[u8]) -> std::io::Result<Vec<u8>> {
-        let mut stream = self.connect()?;
-        stream.set_read_timeout(Some(Duration::from_millis(300)))?;
-        stream.write_all(request)?;
-        let mut reply = Vec::new();
-        let mut buffer = [0u8; 4096];
-        loop {
-            match stream.read(&mut buffer) {
-                Ok(0) => return Ok(reply),
-                Ok(n) => reply.extend_from_slice(&buffer[..n]),
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut =>
-                {
-                    return Ok(reply);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
 }
 
 impl Drop for ServerProcess {
@@ -394,8 +429,12 @@ impl RedisCluster {
     pub fn start() -> Option<Self> {
         find_server_binary(ServerKind::Redis)?;
         let cli = find_binary("redis-cli", "redis-tools")?;
-        let mut nodes = Vec::new();
-        let mut directories = Vec::new();
+        // Built up in place, so that a failure part-way stops the nodes already started and
+        // removes their directories.
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            directories: Vec::new(),
+        };
         for _ in 0..3 {
             let directory = std::env::temp_dir().join(format!(
                 "session-redis-cluster-{}-{}",
@@ -403,27 +442,29 @@ impl RedisCluster {
                 free_port()
             ));
             std::fs::create_dir_all(&directory).expect("creating a node directory");
-            let bus_port = free_port().to_string();
+            cluster.directories.push(directory.clone());
             let dir = directory.to_string_lossy().into_owned();
-            let node = ServerProcess::start_with(
-                ServerKind::Redis,
-                &[
+            let node = ServerProcess::start_with_args(ServerKind::Redis, || {
+                [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "2000",
+                    // Nodes keep serving their own slots while another node is down.
+                    "--cluster-require-full-coverage",
+                    "no",
                     "--cluster-port",
-                    &bus_port,
+                    &free_port().to_string(),
                     "--dir",
                     &dir,
-                ],
-            )?;
-            nodes.push(node);
-            directories.push(directory);
+                ]
+                .map(str::to_owned)
+                .to_vec()
+            })?;
+            cluster.nodes.push(node);
         }
-        let cluster = Self { nodes, directories };
         let mut create = Command::new(cli);
         create.args(["--cluster", "create"]);
         create.args(cluster.nodes.iter().map(ServerProcess::address));
@@ -443,8 +484,8 @@ impl RedisCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         for node in self.nodes.iter().filter(|n| n.pid().is_some()) {
             loop {
-                let info = node.raw_exchange(b"CLUSTER INFO\r\n").unwrap_or_default();
-                if String::from_utf8_lossy(&info).contains("cluster_state:ok") {
+                let info = node.redis_bulk("CLUSTER INFO\r\n").unwrap_or_default();
+                if info.contains("cluster_state:ok") {
                     break;
                 }
                 assert!(
@@ -467,6 +508,17 @@ impl RedisCluster {
             .iter()
             .map(|node| format!("redis://{}", node.address()))
             .collect()
+    }
+
+    /// The index of the node that holds `key` (the one that answers `EXISTS` with 1).
+    pub fn node_holding(&self, key: &str) -> Option<usize> {
+        let command = format!("EXISTS {key}\r\n");
+        self.nodes.iter().position(|node| {
+            node.pid().is_some()
+                && node
+                    .command_line(&command)
+                    .is_ok_and(|reply| reply.trim() == ":1")
+        })
     }
 
     /// How many keys each node holds (`DBSIZE`).
@@ -497,13 +549,23 @@ impl ServerProcess {
     }
 }
 
-/// Finds a helper binary on the `PATH`, reporting it missing like a server binary.
-fn find_binary(binary: &str, package: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
+/// `binary` on the `PATH`, if there.
+fn which(binary: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
             .map(|dir| dir.join(binary))
             .find(|candidate| candidate.is_file())
-    });
+    })
+}
+
+/// `setpriv` from util-linux, if installed.
+fn setpriv() -> Option<PathBuf> {
+    which("setpriv")
+}
+
+/// Finds a helper binary on the `PATH`, reporting it missing like a server binary.
+pub fn find_binary(binary: &str, package: &str) -> Option<PathBuf> {
+    let found = which(binary);
     if found.is_none() {
         let message = format!("{binary} is not installed (apt-get install {package})");
         if std::env::var("SESSION_TEST_REQUIRE_SERVERS").as_deref() == Ok("1") {
