@@ -1,0 +1,329 @@
+//! The demo in a real headless Chromium, driven over WebDriver (chromedriver): the counter
+//! rises across reloads, logging in survives a reload and changes the session id, logging out
+//! ends the session, and the cookie is HttpOnly with SameSite=Lax. Runs against the memory
+//! store and against a real memcached.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use session_conformance::harness::{ServerKind, ServerProcess, find_binary, free_port};
+
+/// One browser at a time: two Chromiums at once are slow on a two-core machine.
+static ONE_BROWSER: Mutex<()> = Mutex::new(());
+
+const COOKIE: &str = "demo_session";
+
+/// The demo application, running as its own process; killed on drop.
+struct Demo {
+    child: Child,
+    base: String,
+}
+
+impl Demo {
+    fn start(store_url: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_session-demo"))
+            .env("SESSION_DEMO_ADDR", "127.0.0.1:0")
+            .env("SESSION_STORE_URL", store_url)
+            .env(
+                "SESSION_SECRET",
+                "a browser-test secret of at least 32 bytes",
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the demo");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading the demo's first line");
+        let base = line
+            .split_whitespace()
+            .find(|word| word.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned();
+        Self { child, base }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A headless Chromium session through chromedriver; everything is torn down on drop.
+struct Browser {
+    agent: ureq::Agent,
+    session: String,
+    driver_url: String,
+    driver: Child,
+    profile: PathBuf,
+}
+
+impl Browser {
+    /// `None` (after a SKIPPED line) when Chromium or chromedriver is missing and servers are
+    /// not required.
+    fn start() -> Option<Self> {
+        let chromium = find_binary("chromium", "chromium")?;
+        let chromedriver = find_binary("chromedriver", "chromium-driver")?;
+        let port = free_port();
+        let driver = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting chromedriver");
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(60)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let driver_url = format!("http://127.0.0.1:{port}");
+        let profile = std::env::temp_dir().join(format!("session-demo-profile-{port}"));
+        let mut browser = Self {
+            agent,
+            session: String::new(),
+            driver_url,
+            driver,
+            profile,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while browser.request("GET", "/status", None).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let capabilities = json!({
+            "capabilities": { "alwaysMatch": {
+                "browserName": "chrome",
+                "goog:chromeOptions": {
+                    "binary": chromium,
+                    "args": [
+                        "--headless",
+                        "--no-sandbox",
+                        "--disable-gpu",
+                        "--disable-background-networking",
+                        "--disable-dev-shm-usage",
+                        "--disable-component-update",
+                        "--disable-sync",
+                        "--no-first-run",
+                        format!("--user-data-dir={}", browser.profile.display()),
+                    ]
+                }
+            }}
+        });
+        let created = browser
+            .request("POST", "/session", Some(capabilities))
+            .expect("creating a browser session");
+        browser.session = created["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session id in {created}"))
+            .to_owned();
+        Some(browser)
+    }
+
+    /// One WebDriver command; returns its `value`, or the WebDriver error as `Err`.
+    fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let url = format!("{}{path}", self.driver_url);
+        let response = match (method, body) {
+            ("GET", _) => self.agent.get(&url).call(),
+            ("DELETE", _) => self.agent.delete(&url).call(),
+            (_, body) => self.agent.post(&url).send_json(body.unwrap_or(json!({}))),
+        };
+        let mut response = response.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let reply: Value = response.body_mut().read_json().map_err(|e| e.to_string())?;
+        if status.is_success() {
+            Ok(reply["value"].clone())
+        } else {
+            Err(reply["value"].to_string())
+        }
+    }
+
+    fn command(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let path = format!("/session/{}{path}", self.session);
+        self.request(method, &path, body)
+            .unwrap_or_else(|error| panic!("{method} {path}: {error}"))
+    }
+
+    fn open(&self, url: &str) {
+        self.command("POST", "/url", Some(json!({ "url": url })));
+    }
+
+    fn reload(&self) {
+        self.command("POST", "/refresh", None);
+    }
+
+    /// The element matching `css` now, if any.
+    fn try_element(&self, css: &str) -> Option<String> {
+        let path = format!("/session/{}/element", self.session);
+        let found = self
+            .request(
+                "POST",
+                &path,
+                Some(json!({ "using": "css selector", "value": css })),
+            )
+            .ok()?;
+        let id = found.as_object()?.values().next()?.as_str()?;
+        Some(id.to_owned())
+    }
+
+    /// The text of the element matching `css` now, if there is one (a page being replaced
+    /// by a navigation may have none, or lose it between the two commands).
+    fn try_text(&self, css: &str) -> Option<String> {
+        let element = self.try_element(css)?;
+        let path = format!("/session/{}/element/{element}/text", self.session);
+        let text = self.request("GET", &path, None).ok()?;
+        text.as_str().map(str::to_owned)
+    }
+
+    /// Polls `probe` for up to ten seconds.
+    fn eventually<T>(&self, what: &str, probe: impl Fn() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(found) = probe() {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "gave up waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn element(&self, css: &str) -> String {
+        self.eventually(css, || self.try_element(css))
+    }
+
+    fn text(&self, css: &str) -> String {
+        self.eventually(css, || self.try_text(css))
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let element = self.element(css);
+        self.command(
+            "POST",
+            &format!("/element/{element}/value"),
+            Some(json!({ "text": text })),
+        );
+    }
+
+    fn click(&self, css: &str) {
+        let element = self.element(css);
+        self.command("POST", &format!("/element/{element}/click"), None);
+    }
+
+    /// Waits until the element's text is `expected` (pages load after clicks).
+    fn wait_for_text(&self, css: &str, expected: &str) {
+        let what = format!("{css} to say {expected:?}");
+        self.eventually(&what, || {
+            (self.try_text(css).as_deref() == Some(expected)).then_some(())
+        });
+    }
+
+    /// The demo's session cookie as the browser holds it.
+    fn session_cookie(&self) -> Option<Value> {
+        self.command("GET", "/cookie", None)
+            .as_array()
+            .and_then(|cookies| cookies.iter().find(|c| c["name"] == COOKIE).cloned())
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = self.request("DELETE", &format!("/session/{}", self.session), None);
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+fn visits(browser: &Browser) -> u32 {
+    browser.text("#visits").parse().expect("a visit count")
+}
+
+/// The whole visit: counter, login, reload, private page, logout, cookie attributes.
+fn walk_through_the_demo(store_url: &str) {
+    let _one = ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(browser) = Browser::start() else {
+        return;
+    };
+    let demo = Demo::start(store_url);
+
+    browser.open(&demo.url("/"));
+    assert_eq!(visits(&browser), 1);
+    browser.reload();
+    assert_eq!(visits(&browser), 2);
+    browser.reload();
+    assert_eq!(visits(&browser), 3);
+    assert_eq!(browser.text("#user"), "anonymous");
+
+    let cookie = browser.session_cookie().expect("the demo sets its cookie");
+    assert_eq!(cookie["httpOnly"], true, "{cookie}");
+    assert_eq!(cookie["sameSite"], "Lax", "{cookie}");
+    let anonymous_id = cookie["value"].as_str().unwrap().to_owned();
+
+    browser.open(&demo.url("/private"));
+    browser.wait_for_text("#user", "not logged in");
+
+    browser.open(&demo.url("/login"));
+    browser.type_into("#username", "alice");
+    browser.click("#login");
+    browser.wait_for_text("#user", "alice");
+    let logged_in = browser
+        .session_cookie()
+        .expect("still a cookie after login");
+    assert_ne!(
+        logged_in["value"], anonymous_id,
+        "logging in must change the session id"
+    );
+    assert_eq!(logged_in["httpOnly"], true);
+    assert_eq!(logged_in["sameSite"], "Lax");
+
+    browser.reload();
+    browser.wait_for_text("#user", "alice");
+
+    browser.open(&demo.url("/"));
+    assert_eq!(visits(&browser), 4, "the counter survives the login");
+    browser.reload();
+    assert_eq!(visits(&browser), 5);
+    assert_eq!(browser.text("#user"), "alice");
+
+    browser.open(&demo.url("/private"));
+    browser.click("#logout");
+    // Logout lands on the home page, which starts a new anonymous session from 1.
+    browser.wait_for_text("#user", "anonymous");
+    assert_eq!(
+        visits(&browser),
+        1,
+        "logging out ends the session and its counter"
+    );
+    let after = browser
+        .session_cookie()
+        .expect("the home page starts a new session");
+    assert_ne!(after["value"], logged_in["value"]);
+    browser.open(&demo.url("/private"));
+    browser.wait_for_text("#user", "not logged in");
+}
+
+#[test]
+fn the_demo_in_a_real_browser_on_the_memory_store() {
+    walk_through_the_demo("memory://");
+}
+
+#[test]
+fn the_demo_in_a_real_browser_on_memcached() {
+    let Some(memcached) = ServerProcess::start(ServerKind::Memcached) else {
+        return;
+    };
+    walk_through_the_demo(&format!("memcached://{}", memcached.address()));
+}
