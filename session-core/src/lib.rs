@@ -31,7 +31,7 @@ pub mod store;
 pub use config::{CookieConfig, SameSite, SessionConfig};
 pub use error::{ConfigError, KeyError, RandomnessError, SessionError, StoreError};
 pub use id::{KeyPrefix, SESSION_ID_LEN, SessionId, StorageKey};
-pub use manager::{CommitOutcome, CommitStatus, CookieDirective, SessionManager};
+pub use manager::{CommitOutcome, CommitStatus, CookieDirective, SessionManager, find_cookie};
 pub use record::Record;
 pub use session::Session;
 pub use signing::{KeyRing, SigningKey};

@@ -86,6 +86,15 @@ impl fmt::Debug for CookieDirective {
     }
 }
 
+/// The value of the cookie named `name` in a `Cookie` request header (`a=1; name=value`),
+/// for embedding the manager by hand in any framework. Surrounding double quotes are removed.
+pub fn find_cookie<'a>(cookie_header: &'a str, name: &str) -> Option<&'a str> {
+    cookie_header.split(';').find_map(|pair| {
+        let (key, value) = pair.trim().split_once('=')?;
+        (key == name).then(|| value.trim_matches('"'))
+    })
+}
+
 /// What a commit did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -490,5 +499,25 @@ async fn backoff(attempt: u32) {
     let wait_ms = u64::from(u16::from_le_bytes(random)) % window_ms;
     if wait_ms > 0 {
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_cookie;
+
+    #[test]
+    fn cookies_are_found_by_exact_name() {
+        assert_eq!(
+            find_cookie("a=1; session=abc.def; b=2", "session"),
+            Some("abc.def")
+        );
+        assert_eq!(
+            find_cookie("sessionx=1; session=\"q\"", "session"),
+            Some("q")
+        );
+        assert_eq!(find_cookie("a=1", "session"), None);
+        assert_eq!(find_cookie("novalue; =x; session", "session"), None);
+        assert_eq!(find_cookie("", "session"), None);
     }
 }

@@ -43,7 +43,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use session_core::{CookieDirective, SessionError, SessionManager};
+use session_core::{CookieDirective, SessionError, SessionManager, find_cookie};
 use tokio::sync::Mutex;
 
 /// The lazily loaded session of one request, shared by the layer and the handlers.
@@ -249,11 +249,8 @@ fn request_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .get_all(COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .find_map(|pair| {
-            let (key, value) = pair.trim().split_once('=')?;
-            (key == name).then(|| value.trim_matches('"').to_owned())
-        })
+        .find_map(|header| find_cookie(header, name))
+        .map(str::to_owned)
 }
 
 impl<S, RequestBody, ResponseBody> tower_service::Service<Request<RequestBody>>
