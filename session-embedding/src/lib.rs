@@ -1,4 +1,4 @@
-//! [`SessionManager`](session_core::SessionManager) embedded by hand, without the tower layer:
+//! `SessionManager` embedded by hand, without the tower layer:
 //! the same visit counter in [`actix`] (actix-web) and in [`hyper_service`] (plain hyper).
 //!
 //! The pattern is the same in any framework:
