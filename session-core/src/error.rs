@@ -244,6 +244,8 @@ pub enum SessionError {
     IdCollisions,
     /// The random number generator failed.
     Randomness(RandomnessError),
+    /// The session was already committed for this request; later changes would be lost.
+    AlreadyCommitted,
 }
 
 impl fmt::Display for SessionError {
@@ -271,6 +273,9 @@ impl fmt::Display for SessionError {
             ),
             Self::IdCollisions => f.write_str("could not draw an unused session id"),
             Self::Randomness(_) => f.write_str("could not draw a session id"),
+            Self::AlreadyCommitted => {
+                f.write_str("the session was already committed for this request")
+            }
         }
     }
 }

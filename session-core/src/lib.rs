@@ -31,8 +31,10 @@ pub mod store;
 pub use config::{CookieConfig, SameSite, SessionConfig};
 pub use error::{ConfigError, KeyError, RandomnessError, SessionError, StoreError};
 pub use id::{KeyPrefix, SESSION_ID_LEN, SessionId, StorageKey};
-pub use manager::{CommitOutcome, CommitStatus, CookieDirective, SessionManager, find_cookie};
+pub use manager::{
+    CommitOutcome, CommitStatus, CookieDirective, SessionManager, find_cookie, find_cookies,
+};
 pub use record::Record;
 pub use session::Session;
-pub use signing::{KeyRing, SigningKey};
+pub use signing::{KeyRing, SigningKey, VerifiedCookie};
 pub use store::{LoadedRecord, SessionStore, Version};

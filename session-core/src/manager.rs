@@ -86,10 +86,18 @@ impl fmt::Debug for CookieDirective {
     }
 }
 
-/// The value of the cookie named `name` in a `Cookie` request header (`a=1; name=value`),
-/// for embedding the manager by hand in any framework. Surrounding double quotes are removed.
+/// The value of the first cookie named `name` in a `Cookie` request header
+/// (`a=1; name=value`). Surrounding double quotes are removed.
 pub fn find_cookie<'a>(cookie_header: &'a str, name: &str) -> Option<&'a str> {
-    cookie_header.split(';').find_map(|pair| {
+    find_cookies(cookie_header, name).next()
+}
+
+/// The values of every cookie named `name` in a `Cookie` request header, in order. A browser
+/// sends several when cookies of the same name were set for different paths or domains (a
+/// sibling subdomain can plant one); pass them all to
+/// [`SessionManager::first_valid_cookie`].
+pub fn find_cookies<'a>(cookie_header: &'a str, name: &str) -> impl Iterator<Item = &'a str> {
+    cookie_header.split(';').filter_map(move |pair| {
         let (key, value) = pair.trim().split_once('=')?;
         (key == name).then(|| value.trim_matches('"'))
     })
@@ -165,6 +173,18 @@ impl SessionManager {
     /// The store in use.
     pub fn store(&self) -> &Arc<dyn SessionStore> {
         &self.store
+    }
+
+    /// The first of `candidates` that is a cookie value this manager signed (no store call),
+    /// so that a planted cookie of the same name cannot hide the real one.
+    pub fn first_valid_cookie<'a>(
+        &self,
+        candidates: impl IntoIterator<Item = &'a str>,
+    ) -> Option<&'a str> {
+        let name = &self.config.cookie.name;
+        candidates
+            .into_iter()
+            .find(|value| self.config.keys.verify(name, value).is_some())
     }
 
     /// Loads the session a request's cookie value names.
@@ -298,20 +318,31 @@ impl SessionManager {
         now: SystemTime,
         status: CommitStatus,
     ) -> Result<CommitOutcome, SessionError> {
-        self.check_size(record)?;
         let Some(ttl) = self.write_ttl(record, now) else {
             return Ok(self.ended());
         };
+        let (id, _) = self.store_under_new_id(record, ttl, status).await?;
+        Ok(CommitOutcome {
+            status,
+            cookie: Some(self.set_cookie(&id, ttl)),
+        })
+    }
+
+    /// Stores `record` under a newly drawn id for `ttl`, drawing again on a collision.
+    async fn store_under_new_id(
+        &self,
+        record: &Record,
+        ttl: Duration,
+        status: CommitStatus,
+    ) -> Result<(SessionId, StorageKey), SessionError> {
+        self.check_size(record)?;
         for _ in 0..MAX_ID_DRAWS {
             let id = SessionId::generate()?;
             let key = StorageKey::derive(&self.config.key_prefix, &id);
             match self.store.create(&key, record, ttl).await {
                 Ok(_) => {
                     tracing::debug!(key = %key, ?status, "session stored under a new id");
-                    return Ok(CommitOutcome {
-                        status,
-                        cookie: Some(self.set_cookie(&id, ttl)),
-                    });
+                    return Ok((id, key));
                 }
                 Err(StoreError::AlreadyExists) => {
                     tracing::warn!("session id collision; drawing another id");
@@ -336,14 +367,26 @@ impl SessionManager {
         };
         let mut record = latest.record;
         session.replay_onto(&mut record);
-        if self.write_ttl(&record, now).is_none() {
+        let Some(ttl) = self.write_ttl(&record, now) else {
             self.store.delete(&stored.key).await?;
             return Ok(self.ended());
+        };
+        let (id, new_key) = self
+            .store_under_new_id(&record, ttl, CommitStatus::Cycled)
+            .await?;
+        if let Err(error) = self.store.delete(&stored.key).await {
+            // The old id must not stay valid beside the new one; the request fails, and the
+            // new entry goes too, so that nothing is left behind (best effort).
+            if let Err(cleanup) = self.store.delete(&new_key).await {
+                tracing::warn!(key = %new_key, error = %cleanup, "could not remove the new entry of a failed id cycle");
+            }
+            return Err(error.into());
         }
-        let outcome = self.create_new(&record, now, CommitStatus::Cycled).await?;
-        self.store.delete(&stored.key).await?;
         tracing::debug!(key = %stored.key, "session id cycled; old entry deleted");
-        Ok(outcome)
+        Ok(CommitOutcome {
+            status: CommitStatus::Cycled,
+            cookie: Some(self.set_cookie(&id, ttl)),
+        })
     }
 
     /// Deletes the stored session, if any, and clears the cookie; values inserted after
@@ -519,5 +562,7 @@ mod tests {
         assert_eq!(find_cookie("a=1", "session"), None);
         assert_eq!(find_cookie("novalue; =x; session", "session"), None);
         assert_eq!(find_cookie("", "session"), None);
+        let all: Vec<&str> = super::find_cookies("session=a; x=1; session=b", "session").collect();
+        assert_eq!(all, ["a", "b"]);
     }
 }

@@ -88,11 +88,23 @@ pub struct KeyRing {
 
 /// A cookie value whose signature verified.
 #[derive(Debug)]
-pub(crate) struct VerifiedCookie {
+pub struct VerifiedCookie {
     /// The session id the cookie carries.
     pub(crate) id: SessionId,
     /// Whether it was signed by a key other than the current one and needs re-signing.
     pub(crate) needs_resign: bool,
+}
+
+impl VerifiedCookie {
+    /// The session id the cookie carries.
+    pub fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    /// Whether it was signed by an older key and should be re-signed with the current one.
+    pub fn needs_resign(&self) -> bool {
+        self.needs_resign
+    }
 }
 
 impl KeyRing {
@@ -120,8 +132,9 @@ impl KeyRing {
         self.keys.is_empty()
     }
 
-    /// Signs `id` for the cookie `cookie_name` with the current (first) key.
-    pub(crate) fn sign(&self, cookie_name: &str, id: &SessionId) -> String {
+    /// Signs `id` for the cookie `cookie_name` with the current (first) key: the cookie value
+    /// `<id>.<tag>`. The manager does this; it is public for integrations and benchmarks.
+    pub fn sign(&self, cookie_name: &str, id: &SessionId) -> String {
         let tag = self.keys[0]
             .tag(cookie_name, id.as_bytes())
             .finalize()
@@ -134,8 +147,9 @@ impl KeyRing {
     }
 
     /// Parses and verifies a cookie value; `None` for anything that is not a value this ring
-    /// signed for `cookie_name`.
-    pub(crate) fn verify(&self, cookie_name: &str, value: &str) -> Option<VerifiedCookie> {
+    /// signed for `cookie_name`. Strict parsing comes first and costs no MAC work; the tag is
+    /// compared in constant time.
+    pub fn verify(&self, cookie_name: &str, value: &str) -> Option<VerifiedCookie> {
         let bytes = value.as_bytes();
         if bytes.len() != COOKIE_VALUE_LEN || bytes[SESSION_ID_TEXT_LEN] != b'.' {
             return None;

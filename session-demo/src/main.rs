@@ -68,6 +68,17 @@ fn app(manager: SessionManager) -> Router {
         .route("/private", get(private))
         .route("/logout", axum::routing::post(logout))
         .layer(SessionLayer::new(manager))
+        .layer(axum::middleware::map_response(no_store))
+}
+
+/// Every page here is personal: no cache may keep it (or a `Set-Cookie` with it), and Back
+/// after logout must not show the private page from the browser's cache.
+async fn no_store(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    response
 }
 
 fn escape(text: &str) -> String {

@@ -33,14 +33,21 @@ impl Demo {
                 "a browser-test secret of at least 32 bytes",
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .expect("starting the demo");
         let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("reading the demo's first line");
+        // Read the first line on a thread, so a demo that never prints cannot hang the test.
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = sender.send(line);
+        });
+        let Ok(line) = receiver.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            panic!("the demo printed no address within 30 s");
+        };
         let base = line
             .split_whitespace()
             .find(|word| word.starts_with("http://"))
@@ -76,13 +83,23 @@ impl Browser {
     fn start() -> Option<Self> {
         let chromium = find_binary("chromium", "chromium")?;
         let chromedriver = find_binary("chromedriver", "chromium-driver")?;
-        let port = free_port();
-        let driver = Command::new(chromedriver)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting chromedriver");
+        // A port found free can be taken before chromedriver binds it: try a few.
+        let (driver, port) = (0..3)
+            .find_map(|_| {
+                let port = free_port();
+                let mut driver = Command::new(&chromedriver)
+                    .arg(format!("--port={port}"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("starting chromedriver");
+                std::thread::sleep(Duration::from_millis(300));
+                match driver.try_wait() {
+                    Ok(None) => Some((driver, port)),
+                    _ => None,
+                }
+            })
+            .expect("chromedriver could not bind a port");
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(60)))
             .http_status_as_error(false)
@@ -97,7 +114,7 @@ impl Browser {
             driver,
             profile,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while browser.request("GET", "/status", None).is_err() {
             assert!(Instant::now() < deadline, "chromedriver did not start");
             std::thread::sleep(Duration::from_millis(100));
@@ -186,9 +203,9 @@ impl Browser {
         text.as_str().map(str::to_owned)
     }
 
-    /// Polls `probe` for up to ten seconds.
+    /// Polls `probe` for up to thirty seconds (a loaded two-core machine is slow).
     fn eventually<T>(&self, what: &str, probe: impl Fn() -> Option<T>) -> T {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(found) = probe() {
                 return found;
@@ -226,6 +243,16 @@ impl Browser {
         self.eventually(&what, || {
             (self.try_text(css).as_deref() == Some(expected)).then_some(())
         });
+    }
+
+    /// Replaces the demo's session cookie in the browser with `value`.
+    fn set_session_cookie(&self, value: &str) {
+        self.command("DELETE", &format!("/cookie/{COOKIE}"), None);
+        self.command(
+            "POST",
+            "/cookie",
+            Some(json!({ "cookie": { "name": COOKIE, "value": value, "path": "/", "httpOnly": true } })),
+        );
     }
 
     /// The demo's session cookie as the browser holds it.
@@ -292,6 +319,15 @@ fn walk_through_the_demo(store_url: &str) {
     browser.reload();
     browser.wait_for_text("#user", "alice");
 
+    // The pre-login cookie no longer opens the session (its id was cycled away).
+    let logged_in_value = logged_in["value"].as_str().unwrap().to_owned();
+    browser.set_session_cookie(&anonymous_id);
+    browser.open(&demo.url("/private"));
+    browser.wait_for_text("#user", "not logged in");
+    browser.set_session_cookie(&logged_in_value);
+    browser.open(&demo.url("/private"));
+    browser.wait_for_text("#user", "alice");
+
     browser.open(&demo.url("/"));
     assert_eq!(visits(&browser), 4, "the counter survives the login");
     browser.reload();
@@ -311,6 +347,11 @@ fn walk_through_the_demo(store_url: &str) {
         .session_cookie()
         .expect("the home page starts a new session");
     assert_ne!(after["value"], logged_in["value"]);
+    browser.open(&demo.url("/private"));
+    browser.wait_for_text("#user", "not logged in");
+
+    // The logged-out cookie does not come back to life either.
+    browser.set_session_cookie(&logged_in_value);
     browser.open(&demo.url("/private"));
     browser.wait_for_text("#user", "not logged in");
 }

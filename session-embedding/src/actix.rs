@@ -8,11 +8,11 @@ use crate::count_visit;
 
 /// The counter route: `GET /` answers `visits: N` and sets the session cookie when needed.
 pub async fn counter(request: HttpRequest, manager: web::Data<SessionManager>) -> HttpResponse {
-    let cookie_header = request
+    let cookie_headers = request
         .headers()
-        .get(COOKIE)
-        .and_then(|value| value.to_str().ok());
-    match count_visit(&manager, cookie_header).await {
+        .get_all(COOKIE)
+        .filter_map(|value| value.to_str().ok());
+    match count_visit(&manager, cookie_headers).await {
         Ok((visits, set_cookie)) => {
             let mut response = HttpResponse::Ok();
             if let Some(set_cookie) = set_cookie {

@@ -20,23 +20,32 @@ pub async fn handle<B>(
     manager: &SessionManager,
     request: Request<B>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let cookie_header = request
+    let cookie_headers = request
         .headers()
-        .get(COOKIE)
-        .and_then(|value| value.to_str().ok());
-    let response = match count_visit(manager, cookie_header).await {
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok());
+    let failure = || {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"session unavailable")));
+        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        response
+    };
+    let response = match count_visit(manager, cookie_headers).await {
         Ok((visits, set_cookie)) => {
             let mut response = Response::new(Full::new(Bytes::from(format!("visits: {visits}"))));
-            if let Some(value) = set_cookie.and_then(|v| v.parse().ok()) {
-                response.headers_mut().insert(SET_COOKIE, value);
+            match set_cookie.map(|value| value.parse()) {
+                Some(Ok(value)) => {
+                    response.headers_mut().insert(SET_COOKIE, value);
+                    response
+                }
+                // The store already changed; a response without its cookie would lose it.
+                Some(Err(_)) => failure(),
+                None => response,
             }
-            response
         }
         Err(error) => {
             eprintln!("session error: {error}");
-            let mut response = Response::new(Full::new(Bytes::from_static(b"session unavailable")));
-            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-            response
+            failure()
         }
     };
     Ok(response)

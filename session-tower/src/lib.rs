@@ -5,8 +5,10 @@
 //! the handle, so a request that never uses its session makes no store call. After the inner
 //! service has answered, the layer commits the session through the
 //! [`SessionManager`] and writes the `Set-Cookie` header from the manager's cookie directive.
-//! A store failure while committing turns the response into a 500 (configurable); an invalid
-//! cookie is simply a fresh session.
+//! A store failure, while committing or in a handler through [`SessionFailure`], turns the
+//! response into a 500 (configurable); an invalid cookie is simply a fresh session. The commit
+//! runs as a task of its own, so that a client hanging up cannot cut it short: the layer needs
+//! a tokio runtime.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -43,14 +45,24 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use session_core::{CookieDirective, SessionError, SessionManager, find_cookie};
+use session_core::{CookieDirective, SessionError, SessionManager, find_cookies};
 use tokio::sync::Mutex;
+
+/// Where the request's session is in its life.
+enum Slot {
+    /// No handler has touched it: nothing loaded, nothing to commit.
+    Untouched,
+    /// Loaded (or fresh) and possibly changed.
+    Loaded(session_core::Session),
+    /// Handed to the manager's commit; later use is an error, not a silent loss.
+    Committed,
+}
 
 /// The lazily loaded session of one request, shared by the layer and the handlers.
 struct Shared {
     manager: SessionManager,
     cookie: Option<String>,
-    slot: Mutex<Option<session_core::Session>>,
+    slot: Mutex<Slot>,
 }
 
 /// The session of the current request: an axum extractor, also found in the request's
@@ -75,7 +87,7 @@ impl Session {
             shared: Arc::new(Shared {
                 manager,
                 cookie,
-                slot: Mutex::new(None),
+                slot: Mutex::new(Slot::Untouched),
             }),
         }
     }
@@ -86,16 +98,18 @@ impl Session {
         f: impl FnOnce(&mut session_core::Session) -> R,
     ) -> Result<R, SessionError> {
         let mut slot = self.shared.slot.lock().await;
-        let session = match &mut *slot {
-            Some(session) => session,
-            empty => empty.insert(
-                self.shared
-                    .manager
-                    .load(self.shared.cookie.as_deref())
-                    .await?,
-            ),
-        };
-        Ok(f(session))
+        if let Slot::Untouched = *slot {
+            let loaded = self
+                .shared
+                .manager
+                .load(self.shared.cookie.as_deref())
+                .await?;
+            *slot = Slot::Loaded(loaded);
+        }
+        match &mut *slot {
+            Slot::Loaded(session) => Ok(f(session)),
+            _ => Err(SessionError::AlreadyCommitted),
+        }
     }
 
     /// The value named `name` decoded as `T`, or `None`.
@@ -139,14 +153,16 @@ impl Session {
 
     /// Commits the session if a handler used it; `None` when it was never loaded.
     async fn commit(&self) -> Result<Option<CookieDirective>, SessionError> {
-        let Some(session) = self.shared.slot.lock().await.take() else {
+        let taken = std::mem::replace(&mut *self.shared.slot.lock().await, Slot::Committed);
+        let Slot::Loaded(session) = taken else {
             return Ok(None);
         };
         Ok(self.shared.manager.commit(session).await?.cookie)
     }
 }
 
-/// The handler-facing error of a session operation: answers 500 Internal Server Error.
+/// The handler-facing error of a session operation: answers with the layer's failure status
+/// (500 Internal Server Error unless [`SessionLayer::failure_status`] says otherwise).
 ///
 /// `?` converts a [`SessionError`] into it, so handlers can return
 /// `Result<impl IntoResponse, SessionFailure>`.
@@ -171,10 +187,17 @@ impl std::error::Error for SessionFailure {
     }
 }
 
+/// Marks a response made from a [`SessionFailure`], so the layer can give it its status.
+#[derive(Clone, Copy)]
+struct FailureMarker;
+
 impl IntoResponse for SessionFailure {
     fn into_response(self) -> Response {
         tracing::error!(error = %self.0, source = ?std::error::Error::source(&self.0), "session operation failed");
-        (StatusCode::INTERNAL_SERVER_ERROR, "session unavailable").into_response()
+        let mut response =
+            (StatusCode::INTERNAL_SERVER_ERROR, "session unavailable").into_response();
+        response.extensions_mut().insert(FailureMarker);
+        response
     }
 }
 
@@ -243,14 +266,28 @@ pub struct SessionService<S> {
     layer: SessionLayer,
 }
 
-/// The value of the first cookie named `name` in the request's `Cookie` headers.
-fn request_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
+/// The session cookie of a request: among every cookie with the session's name in every
+/// `Cookie` header, the first one the manager signed; else the first one (which the manager
+/// will treat as invalid, without a store call).
+fn request_cookie(headers: &HeaderMap, manager: &SessionManager) -> Option<String> {
+    let name = manager.config().cookie_config().cookie_name();
+    let candidates: Vec<&str> = headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
-        .find_map(|header| find_cookie(header, name))
+        .flat_map(|header| find_cookies(header, name))
+        .collect();
+    manager
+        .first_valid_cookie(candidates.iter().copied())
+        .or(candidates.first().copied())
         .map(str::to_owned)
+}
+
+/// A response with the layer's failure status and an empty body.
+fn failure_response<B: Default>(status: StatusCode) -> http::Response<B> {
+    let mut failed = http::Response::new(B::default());
+    *failed.status_mut() = status;
+    failed
 }
 
 impl<S, RequestBody, ResponseBody> tower_service::Service<Request<RequestBody>>
@@ -273,8 +310,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
-        let name = self.layer.manager.config().cookie_config().cookie_name();
-        let cookie = request_cookie(request.headers(), name);
+        let cookie = request_cookie(request.headers(), &self.layer.manager);
         let session = Session::new(self.layer.manager.clone(), cookie);
         request.extensions_mut().insert(session.clone());
         // The clone that was made ready by poll_ready is the one to call.
@@ -283,20 +319,37 @@ where
         let failure_status = self.layer.failure_status;
         Box::pin(async move {
             let mut response = inner.call(request).await?;
-            match session.commit().await {
-                Ok(Some(directive)) => match HeaderValue::from_str(&directive.to_header_value()) {
-                    Ok(value) => {
-                        response.headers_mut().append(SET_COOKIE, value);
+            if response.extensions().get::<FailureMarker>().is_some() {
+                *response.status_mut() = failure_status;
+            }
+            // The commit runs as its own task, so that a client hanging up (which drops this
+            // future) cannot stop a logout's delete or an id cycle half-way.
+            let commit = tokio::spawn(async move { session.commit().await });
+            let failed = match commit.await {
+                Ok(Ok(Some(directive))) => {
+                    match HeaderValue::from_str(&directive.to_header_value()) {
+                        Ok(value) => {
+                            response.headers_mut().append(SET_COOKIE, value);
+                            false
+                        }
+                        Err(_) => {
+                            tracing::error!("the session cookie is not a valid header value");
+                            true
+                        }
                     }
-                    Err(_) => tracing::error!("the session cookie is not a valid header value"),
-                },
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::error!(%error, source = ?std::error::Error::source(&error), "committing the session failed");
-                    let mut failed = http::Response::new(ResponseBody::default());
-                    *failed.status_mut() = failure_status;
-                    response = failed;
                 }
+                Ok(Ok(None)) => false,
+                Ok(Err(error)) => {
+                    tracing::error!(%error, source = ?std::error::Error::source(&error), "committing the session failed");
+                    true
+                }
+                Err(join_error) => {
+                    tracing::error!(%join_error, "the session commit task failed");
+                    true
+                }
+            };
+            if failed {
+                response = failure_response(failure_status);
             }
             Ok(response)
         })
@@ -305,24 +358,45 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use session_core::{KeyRing, SessionConfig, SessionId, SigningKey};
+    use session_memory::MemoryStore;
+
     use super::*;
 
+    fn manager() -> SessionManager {
+        let keys = KeyRing::single(SigningKey::new([6u8; 32]).unwrap());
+        SessionManager::new(Arc::new(MemoryStore::new()), SessionConfig::new(keys)).unwrap()
+    }
+
     #[test]
-    fn the_named_cookie_is_found_among_others() {
+    fn a_signed_cookie_wins_over_planted_ones_of_the_same_name() {
+        let manager = manager();
+        let keys = KeyRing::single(SigningKey::new([6u8; 32]).unwrap());
+        let valid = keys.sign("session", &SessionId::generate().unwrap());
         let mut headers = HeaderMap::new();
         headers.append(
             COOKIE,
-            HeaderValue::from_static("a=1; session=abc.def; b=2"),
+            HeaderValue::from_static("a=1; session=planted; b=2"),
+        );
+        headers.append(
+            COOKIE,
+            HeaderValue::from_str(&format!("session={valid}")).unwrap(),
         );
         assert_eq!(
-            request_cookie(&headers, "session").as_deref(),
+            request_cookie(&headers, &manager).as_deref(),
+            Some(valid.as_str())
+        );
+
+        let mut only_bad = HeaderMap::new();
+        only_bad.append(COOKIE, HeaderValue::from_static("x=1; session=abc.def"));
+        assert_eq!(
+            request_cookie(&only_bad, &manager).as_deref(),
             Some("abc.def")
         );
-        assert_eq!(request_cookie(&headers, "sess"), None);
-        headers.append(COOKIE, HeaderValue::from_static("other=x"));
-        assert_eq!(request_cookie(&headers, "other").as_deref(), Some("x"));
-        let mut odd = HeaderMap::new();
-        odd.append(COOKIE, HeaderValue::from_static("novalue; =x; session"));
-        assert_eq!(request_cookie(&odd, "session"), None);
+        let mut none = HeaderMap::new();
+        none.append(COOKIE, HeaderValue::from_static("novalue; =x; session"));
+        assert_eq!(request_cookie(&none, &manager), None);
     }
 }

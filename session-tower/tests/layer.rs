@@ -56,6 +56,16 @@ fn app_with(store: &Store, configure: impl FnOnce(SessionLayer) -> SessionLayer)
             ),
         )
         .route(
+            "/read-twice/{key}",
+            get(
+                |session: Session, axum::extract::Path(key): axum::extract::Path<String>| async move {
+                    let first: Option<String> = session.get(&key).await?;
+                    let second: Option<String> = session.get(&key).await?;
+                    Ok::<_, SessionFailure>(format!("{} {}", first.unwrap(), second.unwrap()))
+                },
+            ),
+        )
+        .route(
             "/login",
             get(|session: Session| async move {
                 session.insert("user", "alice").await?;
@@ -111,6 +121,18 @@ async fn a_handler_that_never_touches_the_session_causes_zero_store_calls() {
     let response = send(&app, "/untouched", None).await;
     assert!(response.headers().get(SET_COOKIE).is_none());
     assert_eq!(store.calls(), Vec::<&str>::new());
+}
+
+#[tokio::test]
+async fn a_handler_that_only_reads_loads_once_and_writes_nothing() {
+    let store = Store::default();
+    let app = app(&store);
+    let cookie = set_cookie(&send(&app, "/set/a/1", None).await).unwrap();
+    store.take_calls();
+    let response = send(&app, "/read-twice/a", Some(&cookie)).await;
+    assert!(response.headers().get(SET_COOKIE).is_none());
+    assert_eq!(body(response).await, "1 1");
+    assert_eq!(store.take_calls(), ["load"]);
 }
 
 #[tokio::test]
@@ -212,7 +234,7 @@ async fn login_cycles_the_id_and_logout_clears_the_cookie() {
         "tea"
     );
     assert_eq!(
-        body(send(&app, "/get/user", Some(&before)).await).await,
+        body(send(&app, "/get/cart", Some(&before)).await).await,
         "-"
     );
 
@@ -259,6 +281,13 @@ async fn store_errors_become_server_errors_never_panics() {
     let unavailable = app_with(&store, |layer| {
         layer.failure_status(StatusCode::SERVICE_UNAVAILABLE)
     });
+    store.fail_loads.store(true, Ordering::SeqCst);
+    assert_eq!(
+        send(&unavailable, "/get/a", Some(&cookie)).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a load failure in a handler takes the configured status too"
+    );
+    store.fail_loads.store(false, Ordering::SeqCst);
     store.fail_writes.store(true, Ordering::SeqCst);
     assert_eq!(
         send(&unavailable, "/set/a/3", Some(&cookie)).await.status(),

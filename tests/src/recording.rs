@@ -22,6 +22,8 @@ pub struct RecordingStore<S> {
     pub fail_writes: Arc<AtomicBool>,
     /// When set, `load` reports a record that does not decode.
     pub corrupt_loads: Arc<AtomicBool>,
+    /// How many of the next `delete` calls fail with a backend error.
+    pub fail_next_deletes: Arc<AtomicUsize>,
 }
 
 impl<S> RecordingStore<S> {
@@ -34,6 +36,7 @@ impl<S> RecordingStore<S> {
             fail_loads: Arc::default(),
             fail_writes: Arc::default(),
             corrupt_loads: Arc::default(),
+            fail_next_deletes: Arc::default(),
         }
     }
 
@@ -102,6 +105,16 @@ impl<S: SessionStore> SessionStore for RecordingStore<S> {
 
     async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
         self.log("delete", &self.fail_writes)?;
+        let fail = self
+            .fail_next_deletes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(StoreError::Backend {
+                operation: "delete",
+                source: "connection reset (injected)".into(),
+            });
+        }
         self.inner.delete(key).await
     }
 

@@ -231,6 +231,25 @@ async fn cycle_id_creates_before_deleting_and_the_old_id_stops_working() {
 }
 
 #[tokio::test]
+async fn a_failed_delete_of_the_old_id_fails_the_cycle_and_leaves_no_new_entry() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let cookie = logged_in(&manager).await;
+    let mut session = manager.load(Some(&cookie)).await.unwrap();
+    session.cycle_id();
+    store.fail_next_deletes.store(1, Ordering::SeqCst);
+    store.take_calls();
+    let error = manager.commit(session).await.unwrap_err();
+    assert!(
+        matches!(error, SessionError::Store(StoreError::Backend { .. })),
+        "{error:?}"
+    );
+    assert_eq!(store.take_calls(), ["load", "create", "delete", "delete"]);
+    assert_eq!(store.inner.len(), 1, "the new entry was left behind");
+    assert!(!manager.load(Some(&cookie)).await.unwrap().is_new());
+}
+
+#[tokio::test]
 async fn destroy_deletes_and_clears_the_cookie() {
     let store = Recording::default();
     let manager = manager(&store);
