@@ -5,14 +5,17 @@
 //! | store operation | Redis |
 //! |---|---|
 //! | `create` | `SET key value NX PX ttl` |
-//! | `load` | a Lua script returning the value and its `PTTL` together |
+//! | `load` | `GET key` |
 //! | `save` | a Lua script: compare the stored version, then `SET key value PX ttl`; a missing key is not found and stays missing |
-//! | `touch` | `PEXPIRE key ttl` (the value and its version are untouched) |
+//! | `touch` | a Lua script: `PEXPIRE key ttl`, then `SETRANGE` of the 8-byte expiry stamp (the record and its version are untouched) |
 //! | `delete` | `DEL key` |
 //!
-//! The stored value is an 8-byte version followed by the encoded record. Versions are drawn
-//! from the OS random number generator on every write, so a version taken before a delete
-//! cannot match an entry created after it (the chance of a repeat is 2⁻⁶⁴). Scripts run by SHA
+//! The stored value is a 16-byte header (the version, then the expiry as Unix milliseconds,
+//! both big-endian) followed by the encoded record; the expiry stamp lets `load` report the
+//! time left without a second command. Redis's own TTL stays the authority on expiry. Each store starts
+//! its versions at a random 64-bit number and counts up, so a version taken before a delete
+//! does not match an entry created after it (another process's versions could only meet ours
+//! if their counted ranges overlapped, a chance of about writes² / 2⁶⁴). Scripts run by SHA
 //! (`EVALSHA`) and are loaded on a server that does not have them yet.
 //!
 //! Standalone connections go through the redis crate's `ConnectionManager`, which reconnects by
@@ -35,7 +38,8 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -54,19 +58,28 @@ pub use redis;
 
 use config::Topology;
 
-/// Bytes of the version stored in front of every record.
+/// Bytes of the version stored first in every value.
 const VERSION_LEN: usize = 8;
+/// Bytes of the header: the version, then the expiry stamp.
+const HEADER_LEN: usize = 16;
 
-/// Returns `{value, pttl}` for a live key, nil otherwise.
-static LOAD: LazyLock<Script> = LazyLock::new(|| {
+/// ARGV: TTL in ms, new 8-byte expiry stamp. Returns 1 if the key existed, 0 otherwise.
+static TOUCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local value = redis.call('GET', KEYS[1])
-if not value then return false end
-return {value, redis.call('PTTL', KEYS[1])}
+if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SETRANGE', KEYS[1], 8, ARGV[2])
+return 1
 ",
     )
 });
+
+/// Milliseconds since the Unix epoch, now.
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// ARGV: expected version, new value, TTL in ms. Returns 0 (not found), 1 (conflict), 2 (saved).
 static SAVE: LazyLock<Script> = LazyLock::new(|| {
@@ -123,6 +136,7 @@ pub struct RedisStore {
     key_prefix: String,
     max_record_size: usize,
     deadline: Duration,
+    versions: Arc<Versions>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -184,6 +198,7 @@ impl RedisStore {
         };
         Ok(Self {
             connection,
+            versions: Arc::new(Versions::new()?),
             key_prefix: config.key_prefix.clone(),
             max_record_size: config.max_record_size,
             deadline: config.operation_deadline(),
@@ -203,47 +218,68 @@ impl RedisStore {
         }
     }
 
-    /// Runs one request under the store's deadline and maps its failure.
+    /// Runs one request and maps its failure. The client bounds every request itself (the
+    /// response timeout, the connection timeout for a reconnect, and for a cluster the overall
+    /// response timeout across redirects and retries), so no timer of our own is armed on this
+    /// hot path; the fault tests check the bound.
     async fn run<T>(
         &self,
         operation: &'static str,
         request: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.deadline, request).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) if error.is_timeout() => Err(StoreError::Timeout {
-                operation,
-                after: self.deadline,
-            }),
-            Ok(Err(error)) => Err(StoreError::Backend {
-                operation,
-                source: Box::new(error),
-            }),
-            Err(_) => Err(StoreError::Timeout {
-                operation,
-                after: self.deadline,
-            }),
-        }
+        request.await.map_err(|error| {
+            if error.is_timeout() {
+                StoreError::Timeout {
+                    operation,
+                    after: self.deadline,
+                }
+            } else {
+                StoreError::Backend {
+                    operation,
+                    source: Box::new(error),
+                }
+            }
+        })
     }
 
-    /// A fresh random version and the value to store: the version, then the encoded record.
-    fn versioned_value(&self, record: &Record) -> Result<(u64, Vec<u8>), StoreError> {
+    /// A fresh version and the value to store for `ttl`: the header, then the encoded record.
+    fn versioned_value(
+        &self,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<(u64, Vec<u8>), StoreError> {
         let encoded = encode_record_within(record, self.max_record_size)?;
-        let version = random_version()?;
-        let mut value = Vec::with_capacity(VERSION_LEN + encoded.len());
+        let version = self.versions.next();
+        let mut value = Vec::with_capacity(HEADER_LEN + encoded.len());
         value.extend_from_slice(&version.to_be_bytes());
+        value.extend_from_slice(&now_millis().saturating_add(millis(ttl)).to_be_bytes());
         value.extend_from_slice(&encoded);
         Ok((version, value))
     }
 }
 
-fn random_version() -> Result<u64, StoreError> {
-    let mut bytes = [0u8; VERSION_LEN];
-    getrandom::fill(&mut bytes).map_err(|e| StoreError::Backend {
-        operation: "draw a version",
-        source: Box::new(e),
-    })?;
-    Ok(u64::from_be_bytes(bytes))
+/// Versions for writes: a random 64-bit start drawn once per store, then counting up. Within a
+/// process no version repeats; across processes (and restarts) two stores meet on a version
+/// only if their counted ranges overlap, a chance of about (writes per store)² / 2⁶⁴. No
+/// system call per write.
+struct Versions {
+    next: AtomicU64,
+}
+
+impl Versions {
+    fn new() -> Result<Self, ConfigError> {
+        let mut bytes = [0u8; VERSION_LEN];
+        getrandom::fill(&mut bytes).map_err(|e| {
+            ConfigError::Client(RedisError::from(std::io::Error::other(e.to_string())))
+        })?;
+        Ok(Self {
+            next: AtomicU64::new(u64::from_be_bytes(bytes)),
+        })
+    }
+
+    fn next(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// Milliseconds, rounded up so a sub-millisecond remainder never shortens a TTL.
@@ -260,7 +296,7 @@ impl SessionStore for RedisStore {
         ttl: Duration,
     ) -> Result<Version, StoreError> {
         check_ttl(ttl)?;
-        let (version, value) = self.versioned_value(record)?;
+        let (version, value) = self.versioned_value(record, ttl)?;
         let mut connection = self.connection.clone();
         let mut command = redis::cmd("SET");
         command
@@ -280,24 +316,28 @@ impl SessionStore for RedisStore {
 
     async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
         let mut connection = self.connection.clone();
-        let redis_key = self.redis_key(key);
-        let invocation = LOAD.key(redis_key.as_ref());
-        let reply: Option<(Vec<u8>, i64)> = self
-            .run("load", invocation.invoke_async(&mut connection))
+        let mut command = redis::cmd("GET");
+        command.arg(self.redis_key(key).as_ref());
+        let value: Option<Vec<u8>> = self
+            .run("load", command.query_async(&mut connection))
             .await?;
-        let Some((value, pttl)) = reply else {
+        let Some(value) = value else {
             return Ok(None);
         };
-        let Some((version, encoded)) = value.split_at_checked(VERSION_LEN) else {
+        let Some((header, encoded)) = value.split_at_checked(HEADER_LEN) else {
             return Err(StoreError::Decode(DecodeError::TooShort {
                 len: value.len(),
             }));
         };
+        let (version, expires_at) = header.split_at(VERSION_LEN);
         let version = u64::from_be_bytes(version.try_into().expect("eight bytes"));
+        let expires_at = u64::from_be_bytes(expires_at.try_into().expect("eight bytes"));
         Ok(Some(LoadedRecord {
             record: decode_record(encoded)?,
             version: Version::new(version),
-            expires_in: u64::try_from(pttl).ok().map(Duration::from_millis),
+            expires_in: Some(Duration::from_millis(
+                expires_at.saturating_sub(now_millis()),
+            )),
         }))
     }
 
@@ -309,7 +349,7 @@ impl SessionStore for RedisStore {
         version: Version,
     ) -> Result<Version, StoreError> {
         check_ttl(ttl)?;
-        let (new_version, value) = self.versioned_value(record)?;
+        let (new_version, value) = self.versioned_value(record, ttl)?;
         let mut connection = self.connection.clone();
         let redis_key = self.redis_key(key);
         let mut invocation = SAVE.key(redis_key.as_ref());
@@ -334,10 +374,14 @@ impl SessionStore for RedisStore {
     async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
         check_ttl(ttl)?;
         let mut connection = self.connection.clone();
-        let mut command = redis::cmd("PEXPIRE");
-        command.arg(self.redis_key(key).as_ref()).arg(millis(ttl));
+        let redis_key = self.redis_key(key);
+        let expires_at = now_millis().saturating_add(millis(ttl));
+        let mut invocation = TOUCH.key(redis_key.as_ref());
+        invocation
+            .arg(millis(ttl))
+            .arg(&expires_at.to_be_bytes()[..]);
         let touched: i64 = self
-            .run("touch", command.query_async(&mut connection))
+            .run("touch", invocation.invoke_async(&mut connection))
             .await?;
         Ok(touched == 1)
     }

@@ -606,25 +606,43 @@ fn svg(rows: &[Row]) -> String {
     )
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(position) = args.iter().position(|a| a == "--memory-child") {
         memory_child(&args[position + 1], args[position + 2].parse().unwrap());
         return;
     }
-    let plan = Plan::from_args();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(compare(Plan::from_args()));
+}
+
+async fn compare(plan: Plan) {
     let started = Instant::now();
 
+    // `--only memory|memcached|redis` measures one backend, for quick iterations.
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let wanted = |backend: &str| only.as_deref().is_none_or(|o| o == backend);
     let memcached = ServerProcess::start_with(ServerKind::Memcached, &["-c", "4096"]);
     let redis_server = ServerProcess::start(ServerKind::Redis);
-    let mut entries = memory_entries().await;
+    let mut entries = Vec::new();
+    if wanted("memory") {
+        entries.extend(memory_entries().await);
+    }
     match &memcached {
-        Some(server) => entries.extend(memcached_entries(server).await),
+        Some(server) if wanted("memcached") => entries.extend(memcached_entries(server).await),
+        Some(_) => {}
         None => eprintln!("memcached is not installed: its rows are missing"),
     }
     match &redis_server {
-        Some(server) => entries.extend(redis_entries(server).await),
+        Some(server) if wanted("redis") => entries.extend(redis_entries(server).await),
+        Some(_) => {}
         None => eprintln!("redis-server is not installed: its rows are missing"),
     }
 
@@ -667,16 +685,20 @@ async fn main() {
         (backend, r.concurrency, !r.ours)
     });
 
-    let memory = vec![
-        (
-            "ours: MemoryStore".to_owned(),
-            memory_per_session("ours", plan.memory_sessions),
-        ),
-        (
-            "tower-sessions MemoryStore".to_owned(),
-            memory_per_session("tower", plan.memory_sessions),
-        ),
-    ];
+    let memory = if wanted("memory") {
+        vec![
+            (
+                "ours: MemoryStore".to_owned(),
+                memory_per_session("ours", plan.memory_sessions),
+            ),
+            (
+                "tower-sessions MemoryStore".to_owned(),
+                memory_per_session("tower", plan.memory_sessions),
+            ),
+        ]
+    } else {
+        Vec::new()
+    };
 
     let table = markdown(&rows, &memory, plan);
     println!("{table}");
