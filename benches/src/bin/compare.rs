@@ -455,7 +455,8 @@ fn memory_child(which: &str, count: usize) {
     let before = rss_kib();
     let held: Box<dyn std::any::Any> = runtime.block_on(async {
         if which == "ours" {
-            let store = MemoryStore::builder().max_sessions(count).build();
+            // Room to spare: shards fill a little unevenly, and nothing may be evicted here.
+            let store = MemoryStore::builder().max_sessions(count * 2).build();
             let record = our_record();
             for _ in 0..count {
                 let key =
@@ -646,6 +647,14 @@ async fn compare(plan: Plan) {
         None => eprintln!("redis-server is not installed: its rows are missing"),
     }
 
+    // `--impl TEXT` keeps the implementations whose name contains TEXT (for profiling one).
+    if let Some(filter) = args
+        .iter()
+        .position(|a| a == "--impl")
+        .and_then(|i| args.get(i + 1))
+    {
+        entries.retain(|entry| entry.name.contains(filter.as_str()));
+    }
     let mut runs: HashMap<(usize, usize), Vec<f64>> = HashMap::new();
     for round in 0..plan.rounds {
         for (index, entry) in entries.iter().enumerate() {
