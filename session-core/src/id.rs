@@ -108,6 +108,16 @@ impl StorageKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The key with a store's own `prefix` in front (borrowed when the prefix is empty), for
+    /// backends that namespace keys shared with other applications.
+    pub fn prefixed<'a>(&'a self, prefix: &str) -> std::borrow::Cow<'a, str> {
+        if prefix.is_empty() {
+            std::borrow::Cow::Borrowed(&self.0)
+        } else {
+            std::borrow::Cow::Owned(format!("{prefix}{}", self.0))
+        }
+    }
 }
 
 impl fmt::Debug for StorageKey {

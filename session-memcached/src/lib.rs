@@ -109,11 +109,7 @@ impl MemcachedStore {
     }
 
     fn item_key<'a>(&self, key: &'a StorageKey) -> Cow<'a, str> {
-        if self.key_prefix.is_empty() {
-            Cow::Borrowed(key.as_str())
-        } else {
-            Cow::Owned(format!("{}{}", self.key_prefix, key.as_str()))
-        }
+        key.prefixed(&self.key_prefix)
     }
 
     /// Runs one client call and maps its failure. The client bounds every call itself (a dial

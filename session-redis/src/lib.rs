@@ -211,11 +211,7 @@ impl RedisStore {
     }
 
     fn redis_key<'a>(&self, key: &'a StorageKey) -> Cow<'a, str> {
-        if self.key_prefix.is_empty() {
-            Cow::Borrowed(key.as_str())
-        } else {
-            Cow::Owned(format!("{}{}", self.key_prefix, key.as_str()))
-        }
+        key.prefixed(&self.key_prefix)
     }
 
     /// Runs one request and maps its failure. The client bounds every request itself (the
