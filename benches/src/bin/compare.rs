@@ -156,6 +156,36 @@ impl Cycler for RawMemcached {
     }
 }
 
+/// memcache's meta client doing the round trips our store makes, without our store: get with
+/// the CAS value and TTL, then a compare-and-set. Separates the cost of CAS from ours.
+struct RawMemcachedCas {
+    client: AsyncMetaClient,
+    keys: Vec<String>,
+    value: Vec<u8>,
+}
+
+impl Cycler for RawMemcachedCas {
+    async fn cycle(&self, slot: usize) {
+        let key = &self.keys[slot];
+        let got = self
+            .client
+            .get(key)
+            .meta(session_memcached::memcache::exp::Meta::NONE.cas().ttl())
+            .send()
+            .await
+            .unwrap();
+        let cas = got.item.cas.unwrap();
+        self.client
+            .set(key, &self.value)
+            .ttl(Ttl::secs(3600))
+            .compare_cas(cas)
+            .return_cas()
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
 /// The redis crate doing the same round trips: GET, then SET ... EX.
 struct RawRedis {
     connection: redis::aio::ConnectionManager,
@@ -360,6 +390,16 @@ async fn memcached_entries(server: &ServerProcess) -> Vec<Entry> {
             "raw memcache meta client (get, set)",
             false,
             RawMemcached {
+                client: client.clone(),
+                keys: keys.clone(),
+                value: value.clone(),
+            },
+        ),
+        entry(
+            "memcached",
+            "raw meta client with CAS (get c t, set C)",
+            false,
+            RawMemcachedCas {
                 client,
                 keys,
                 value,
