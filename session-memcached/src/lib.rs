@@ -44,7 +44,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use memcache::exp::{AsyncMetaClient, GetStatus, Meta, MutationStatus, Ttl};
+use memcache::exp::{AsyncMetaClient, GetStatus, Meta, MutationResult, MutationStatus, Ttl};
 use session_core::codec::{decode_record, encode_record_within};
 use session_core::store::check_ttl;
 use session_core::{LoadedRecord, Record, SessionStore, StorageKey, StoreError, Version};
@@ -112,6 +112,30 @@ impl MemcachedStore {
         key.prefixed(&self.key_prefix)
     }
 
+    /// Sets `key` to the encoded `record` for `ttl` under `condition`, asking for the new CAS.
+    async fn write(
+        &self,
+        operation: &'static str,
+        key: &StorageKey,
+        record: &Record,
+        ttl: Duration,
+        condition: Condition,
+    ) -> Result<MutationResult, StoreError> {
+        check_ttl(ttl)?;
+        let bytes = encode_record_within(record, self.max_record_size)?;
+        let item_key = self.item_key(key);
+        let request = self
+            .client
+            .set(item_key.as_bytes(), &bytes)
+            .ttl(wire_ttl(ttl))
+            .return_cas();
+        let request = match condition {
+            Condition::Absent => request.add(),
+            Condition::Cas(cas) => request.compare_cas(cas),
+        };
+        self.run(operation, request.send()).await
+    }
+
     /// Runs one client call and maps its failure. The client bounds every call itself (a dial
     /// by the connect timeout, an exchange by the I/O timeout, a wait for a pooled connection
     /// by the connect timeout), so no timer of our own is armed on this hot path; the fault
@@ -166,11 +190,16 @@ fn checked_cas(operation: &'static str, cas: u64) -> Result<Version, StoreError>
     Ok(Version::new(cas))
 }
 
+/// When a write may happen.
+enum Condition {
+    /// Only if no item exists (memcached's add mode).
+    Absent,
+    /// Only if the item's CAS value is still this one.
+    Cas(u64),
+}
+
 /// The version of an applied write: the item's new CAS value.
-fn written_version(
-    operation: &'static str,
-    result: memcache::exp::MutationResult,
-) -> Result<Version, StoreError> {
+fn written_version(operation: &'static str, result: MutationResult) -> Result<Version, StoreError> {
     match (result.status, result.cas) {
         (MutationStatus::Applied, Some(cas)) => checked_cas(operation, cas),
         (MutationStatus::Applied, None) => {
@@ -195,17 +224,9 @@ impl SessionStore for MemcachedStore {
         record: &Record,
         ttl: Duration,
     ) -> Result<Version, StoreError> {
-        check_ttl(ttl)?;
-        let bytes = encode_record_within(record, self.max_record_size)?;
-        let item_key = self.item_key(key);
-        let request = self
-            .client
-            .set(item_key.as_bytes(), &bytes)
-            .ttl(wire_ttl(ttl))
-            .add()
-            .return_cas()
-            .send();
-        let result = self.run("create", request).await?;
+        let result = self
+            .write("create", key, record, ttl, Condition::Absent)
+            .await?;
         match result.status {
             MutationStatus::AlreadyExists => Err(StoreError::AlreadyExists),
             _ => written_version("create", result),
@@ -247,17 +268,9 @@ impl SessionStore for MemcachedStore {
         ttl: Duration,
         version: Version,
     ) -> Result<Version, StoreError> {
-        check_ttl(ttl)?;
-        let bytes = encode_record_within(record, self.max_record_size)?;
-        let item_key = self.item_key(key);
-        let request = self
-            .client
-            .set(item_key.as_bytes(), &bytes)
-            .ttl(wire_ttl(ttl))
-            .compare_cas(version.get())
-            .return_cas()
-            .send();
-        let result = self.run("save", request).await?;
+        let result = self
+            .write("save", key, record, ttl, Condition::Cas(version.get()))
+            .await?;
         match result.status {
             MutationStatus::CasMismatch => Err(StoreError::Conflict),
             MutationStatus::NotFound => Err(StoreError::NotFound),
