@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use session_conformance::faults::{
-    every_operation_fails, is_backend_or_timeout, is_timeout, tagged, works,
+    every_operation_fails, is_backend_or_timeout, is_timeout, load_once_reachable, tagged, works,
 };
 use session_conformance::harness::{RedisCluster, ServerKind, ServerProcess, free_port};
+use session_conformance::new_key;
 use session_core::SessionStore;
 use session_redis::{RedisConfig, RedisStore};
 
@@ -31,15 +32,7 @@ async fn a_killed_server_gives_typed_errors_and_the_same_store_recovers_after_re
 
     server.restart();
     // The connection manager reconnects in the background; give it its deadline.
-    let mut recovered = false;
-    for _ in 0..20 {
-        if store.load(&session_conformance::new_key()).await.is_ok() {
-            recovered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(recovered, "the store did not reconnect");
+    load_once_reachable(&store, &new_key(), "after a restart").await;
     let key = works(&store).await;
     assert_eq!(
         store.load(&key).await.unwrap().unwrap().record,
@@ -61,14 +54,7 @@ async fn a_paused_server_gives_timeouts_in_bounded_time_and_recovers_when_resume
     every_operation_fails(&store, deadline, is_timeout).await;
     server.resume();
 
-    let mut loaded = None;
-    for _ in 0..20 {
-        if let Ok(found) = store.load(&key).await {
-            loaded = found;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let loaded = load_once_reachable(&store, &key, "after a pause").await;
     assert_eq!(
         loaded.expect("the session survives a pause").record,
         tagged("saved")
@@ -86,15 +72,7 @@ async fn a_store_built_while_the_server_is_down_works_once_it_is_up() {
     let Some(_server) = ServerProcess::start_on_port(ServerKind::Redis, port) else {
         return;
     };
-    let mut up = false;
-    for _ in 0..20 {
-        if store.load(&session_conformance::new_key()).await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "the store did not connect once the server was up");
+    load_once_reachable(&store, &new_key(), "once the server was up").await;
     works(&store).await;
 }
 

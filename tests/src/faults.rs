@@ -83,3 +83,19 @@ pub async fn works<S: SessionStore>(store: &S) -> StorageKey {
         .unwrap();
     key
 }
+
+/// Loads `key` until the store answers (a reconnecting client may fail a few requests after
+/// its server comes back), for up to two seconds; panics with `what` if it never does.
+pub async fn load_once_reachable<S: SessionStore>(
+    store: &S,
+    key: &StorageKey,
+    what: &str,
+) -> Option<session_core::LoadedRecord> {
+    for _ in 0..20 {
+        if let Ok(found) = store.load(key).await {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: the store did not answer within two seconds");
+}
