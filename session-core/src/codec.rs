@@ -4,6 +4,9 @@
 //! standard configuration (through its serde support). Each session value inside a record is
 //! itself a bincode encoding of the application's serde type. Decoding is bounded (no
 //! allocation larger than [`DECODE_LIMIT`]) and must consume every byte.
+//!
+//! A moved marker (what an id cycle leaves under the old key, see [`crate::store`]) is the
+//! format byte [`FORMAT_MOVED`] followed by the new storage key as ASCII text.
 
 use std::error::Error;
 use std::fmt;
@@ -12,10 +15,14 @@ use bincode::config::{self, Configuration, Limit, LittleEndian, Varint};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::id::StorageKey;
 use crate::record::Record;
 
 /// The format byte of records written by this version.
 pub const FORMAT_V1: u8 = 1;
+
+/// The format byte of a moved marker: the entry's session now lives under another key.
+pub const FORMAT_MOVED: u8 = 0x80;
 
 /// The largest allocation a decode may make, in bytes.
 pub const DECODE_LIMIT: usize = 64 * 1024 * 1024;
@@ -57,6 +64,8 @@ pub enum DecodeError {
         /// How many bytes there were.
         len: usize,
     },
+    /// A moved marker whose target is not a storage key.
+    BadMovedMarker,
     /// Bytes were left over after a complete value.
     TrailingBytes {
         /// How many bytes were left over.
@@ -71,6 +80,7 @@ impl fmt::Display for DecodeError {
             Self::UnknownFormat(byte) => write!(f, "unknown format byte {byte:#04x}"),
             Self::Malformed(_) => f.write_str("malformed payload"),
             Self::TooShort { len } => write!(f, "only {len} bytes, too short to hold a record"),
+            Self::BadMovedMarker => f.write_str("moved marker without a valid target key"),
             Self::TrailingBytes { count } => write!(f, "{count} bytes after the end of the value"),
         }
     }
@@ -121,6 +131,41 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
         None => Err(DecodeError::Empty),
         Some((&FORMAT_V1, payload)) => decode_exact(payload),
         Some((&other, _)) => Err(DecodeError::UnknownFormat(other)),
+    }
+}
+
+/// What stored bytes hold: a session's record, or a marker saying where the session moved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodedEntry {
+    /// A session record.
+    Record(Record),
+    /// A moved marker naming the key the session moved to.
+    Moved(StorageKey),
+}
+
+/// Encodes a moved marker pointing at `to`.
+pub fn encode_moved(to: &StorageKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + to.as_str().len());
+    out.push(FORMAT_MOVED);
+    out.extend_from_slice(to.as_str().as_bytes());
+    out
+}
+
+/// Whether stored bytes are a moved marker (decided by the format byte alone, so a store can
+/// tell without decoding).
+pub fn is_moved_marker(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&FORMAT_MOVED)
+}
+
+/// Decodes stored bytes into a record or a moved marker.
+pub fn decode_entry(bytes: &[u8]) -> Result<DecodedEntry, DecodeError> {
+    match bytes.split_first() {
+        Some((&FORMAT_MOVED, target)) => std::str::from_utf8(target)
+            .ok()
+            .and_then(StorageKey::from_stored)
+            .map(DecodedEntry::Moved)
+            .ok_or(DecodeError::BadMovedMarker),
+        _ => decode_record(bytes).map(DecodedEntry::Record),
     }
 }
 
@@ -206,6 +251,34 @@ mod tests {
                 let _ = decode_record(&flipped);
             }
         }
+    }
+
+    #[test]
+    fn moved_markers_round_trip_and_bad_targets_are_errors() {
+        let to = crate::StorageKey::derive(
+            &crate::KeyPrefix::default(),
+            &crate::SessionId::generate().unwrap(),
+        );
+        let bytes = encode_moved(&to);
+        assert!(is_moved_marker(&bytes));
+        assert!(!is_moved_marker(&encode_record(&sample()).unwrap()));
+        assert_eq!(decode_entry(&bytes).unwrap(), DecodedEntry::Moved(to));
+        assert!(decode_record(&bytes).is_err(), "a marker is no record");
+        for bad in [
+            &[FORMAT_MOVED][..],
+            &[FORMAT_MOVED, b'a', b' ', b'b'],
+            &[FORMAT_MOVED, 0xff],
+        ] {
+            assert!(matches!(
+                decode_entry(bad),
+                Err(DecodeError::BadMovedMarker)
+            ));
+        }
+        let record = sample();
+        assert_eq!(
+            decode_entry(&encode_record(&record).unwrap()).unwrap(),
+            DecodedEntry::Record(record)
+        );
     }
 
     #[test]

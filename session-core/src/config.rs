@@ -29,6 +29,25 @@ impl SameSite {
     }
 }
 
+/// What a commit does when this request set or removed a value (with
+/// [`Session::insert`](crate::Session::insert), [`remove`](crate::Session::remove) or
+/// [`clear`](crate::Session::clear)) that a concurrent request also changed.
+///
+/// Values changed with [`Session::update`](crate::Session::update) never conflict: the update
+/// is run again on the newer value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SameKeyConflict {
+    /// This request's value replaces the concurrent one (the request that commits last wins
+    /// that value; other values of both requests are kept). The default.
+    #[default]
+    LastWriterWins,
+    /// The commit fails with
+    /// [`SessionError::ConcurrentModification`](crate::SessionError::ConcurrentModification)
+    /// and writes nothing.
+    Fail,
+}
+
 /// The session cookie's name and attributes.
 #[derive(Clone, Debug)]
 pub struct CookieConfig {
@@ -142,6 +161,8 @@ pub struct SessionConfig {
     pub(crate) max_encoded_size: usize,
     pub(crate) cookie: CookieConfig,
     pub(crate) max_conflict_retries: u32,
+    pub(crate) same_key_conflict: SameKeyConflict,
+    pub(crate) moved_marker_ttl: Duration,
 }
 
 impl SessionConfig {
@@ -151,6 +172,8 @@ impl SessionConfig {
     pub const DEFAULT_MAX_ENCODED_SIZE: usize = 64 * 1024;
     /// The default number of saves tried when concurrent requests conflict.
     pub const DEFAULT_MAX_CONFLICT_RETRIES: u32 = 64;
+    /// The default life of the marker an id cycle leaves under the old key: one minute.
+    pub const DEFAULT_MOVED_MARKER_TTL: Duration = Duration::from_secs(60);
 
     /// A configuration with `keys` and every other setting at its default.
     pub fn new(keys: KeyRing) -> Self {
@@ -163,6 +186,8 @@ impl SessionConfig {
             max_encoded_size: Self::DEFAULT_MAX_ENCODED_SIZE,
             cookie: CookieConfig::default(),
             max_conflict_retries: Self::DEFAULT_MAX_CONFLICT_RETRIES,
+            same_key_conflict: SameKeyConflict::default(),
+            moved_marker_ttl: Self::DEFAULT_MOVED_MARKER_TTL,
         }
     }
 
@@ -210,6 +235,25 @@ impl SessionConfig {
         self
     }
 
+    /// What a commit does when this request's `insert`, `remove` or `clear` meets a
+    /// concurrent change of the same value (default: last writer wins).
+    pub fn same_key_conflicts(mut self, policy: SameKeyConflict) -> Self {
+        self.same_key_conflict = policy;
+        self
+    }
+
+    /// How long the marker an id cycle leaves under the old key lives (default one minute).
+    ///
+    /// While it lives, a request that loaded the session before the cycle and saves after it
+    /// follows the marker and saves into the new entry, a logout that loaded it before follows
+    /// it and ends the new entry, and a request arriving with the old id sees no session and
+    /// cannot write one (its changes are reported lost, so a late response cannot replace the
+    /// new cookie with a fresh anonymous one). Set it above the longest time a request can run.
+    pub fn moved_marker_ttl(mut self, ttl: Duration) -> Self {
+        self.moved_marker_ttl = ttl;
+        self
+    }
+
     /// The idle timeout.
     pub fn idle(&self) -> Duration {
         self.idle_timeout
@@ -239,6 +283,12 @@ impl SessionConfig {
             return Err(ConfigError::TimeoutOutOfRange {
                 setting: "absolute timeout",
                 value: absolute,
+            });
+        }
+        if !in_range(self.moved_marker_ttl) {
+            return Err(ConfigError::TimeoutOutOfRange {
+                setting: "moved marker TTL",
+                value: self.moved_marker_ttl,
             });
         }
         if self.touch_threshold.is_some_and(|t| t < MIN_TTL) {

@@ -246,6 +246,13 @@ pub enum SessionError {
     Randomness(RandomnessError),
     /// The session was already committed for this request; later changes would be lost.
     AlreadyCommitted,
+    /// A concurrent request changed the value this request set or removed, and the
+    /// configuration says to fail rather than overwrite
+    /// ([`SameKeyConflict::Fail`](crate::SameKeyConflict::Fail)); nothing was written.
+    ConcurrentModification {
+        /// The name of the value.
+        name: String,
+    },
 }
 
 impl fmt::Display for SessionError {
@@ -276,6 +283,10 @@ impl fmt::Display for SessionError {
             Self::AlreadyCommitted => {
                 f.write_str("the session was already committed for this request")
             }
+            Self::ConcurrentModification { name } => write!(
+                f,
+                "session value {name:?} was changed by a concurrent request; nothing was written"
+            ),
         }
     }
 }

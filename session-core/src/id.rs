@@ -104,6 +104,15 @@ impl StorageKey {
         Self(key)
     }
 
+    /// Rebuilds a key read back from a store (the target of a moved marker): printable ASCII
+    /// without spaces, no longer than a derived key can be; `None` otherwise.
+    pub(crate) fn from_stored(text: &str) -> Option<Self> {
+        let fits = (Self::HASH_TEXT_LEN..=KeyPrefix::MAX_LEN + Self::HASH_TEXT_LEN)
+            .contains(&text.len())
+            && text.bytes().all(|b| b.is_ascii_graphic());
+        fits.then(|| Self(text.to_owned()))
+    }
+
     /// The key as text: printable ASCII, at most 243 bytes.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -28,7 +28,7 @@ mod session;
 mod signing;
 pub mod store;
 
-pub use config::{CookieConfig, SameSite, SessionConfig};
+pub use config::{CookieConfig, SameKeyConflict, SameSite, SessionConfig};
 pub use error::{ConfigError, KeyError, RandomnessError, SessionError, StoreError};
 pub use id::{KeyPrefix, SESSION_ID_LEN, SessionId, StorageKey};
 pub use manager::{
@@ -37,4 +37,4 @@ pub use manager::{
 pub use record::Record;
 pub use session::Session;
 pub use signing::{KeyRing, SigningKey, VerifiedCookie};
-pub use store::{LoadedRecord, SessionStore, Version};
+pub use store::{LoadedRecord, SessionStore, StoredEntry, Version};

@@ -2,15 +2,16 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::codec;
-use crate::config::{SameSite, SessionConfig};
+use crate::config::{SameKeyConflict, SameSite, SessionConfig};
 use crate::error::{ConfigError, SessionError, StoreError};
 use crate::id::{SessionId, StorageKey};
 use crate::record::Record;
 use crate::session::{Origin, Session, StoredSession};
-use crate::store::{LoadedRecord, MIN_TTL, SessionStore};
+use crate::store::{LoadedRecord, MIN_TTL, SessionStore, StoredEntry, Version};
 
 /// How many ids `create` draws before giving up on collisions.
 const MAX_ID_DRAWS: u32 = 4;
@@ -115,36 +116,75 @@ pub enum CommitStatus {
     Created,
     /// Changed values were saved (after replaying onto concurrent changes if needed).
     Saved,
+    /// The session moved to a new id while the request ran (a concurrent login cycled it), and
+    /// this request's changes were saved under the new id. The cookie is left alone: the
+    /// request that moved the session sets the new one.
+    Followed,
     /// The session's expiry was pushed back.
     Touched,
-    /// The session moved to a new id; the old one was deleted.
+    /// The session moved to a new id; the old entry now only marks where it went.
     Cycled,
     /// The session was deleted.
     Destroyed,
-    /// The session ended (deleted, expired or cycled elsewhere) while the request ran; it stays
-    /// ended, and the cookie is left alone.
+    /// The session ended (deleted, expired or moved to a new id) while the request ran, or the
+    /// cookie named a session that had moved; it stays ended, nothing is written, and the
+    /// cookie is left alone. [`CommitOutcome::lost_changes`] says whether changes were lost.
     Ended,
 }
 
 /// The result of [`SessionManager::commit`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommitOutcome {
     /// What was done.
     pub status: CommitStatus,
     /// What to do with the cookie; `None` leaves the browser's cookie as it is.
     pub cookie: Option<CookieDirective>,
+    /// The request changed the session (or asked for a new id) but nothing was written,
+    /// because the session ended while the request ran ([`CommitStatus::Ended`]). Such a
+    /// commit is logged at `warn` and counted ([`SessionManager::lost_writes`]); the tower
+    /// layer answers it with a configurable status.
+    pub lost_changes: bool,
+}
+
+impl CommitOutcome {
+    fn new(status: CommitStatus, cookie: Option<CookieDirective>) -> Self {
+        Self {
+            status,
+            cookie,
+            lost_changes: false,
+        }
+    }
+}
+
+/// How many chained moves a commit follows (each one an id cycle that happened while the
+/// request ran) before it treats the session as ended.
+const MAX_MOVES_FOLLOWED: usize = 8;
+
+/// The newest state of a session that was loaded under some key.
+enum Latest {
+    /// Deleted, expired, or moved further than [`MAX_MOVES_FOLLOWED`] times.
+    Gone,
+    /// Live under `key` (the original one, or where it moved); `markers` are the keys passed
+    /// through on the way.
+    Live {
+        key: StorageKey,
+        loaded: LoadedRecord,
+        markers: Vec<StorageKey>,
+    },
 }
 
 /// Loads sessions for requests and commits them afterwards, following the rules of the
 /// request flow: anonymous visitors write nothing, changes are saved against the loaded
 /// version and replayed on conflict, unchanged sessions are touched only when due, ids are
-/// cycled create-before-delete.
+/// cycled by creating the new entry and then marking the old one moved.
 ///
 /// Cheap to clone; share one per application.
 #[derive(Clone)]
 pub struct SessionManager {
     store: Arc<dyn SessionStore>,
     config: Arc<SessionConfig>,
+    lost_writes: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for SessionManager {
@@ -162,6 +202,7 @@ impl SessionManager {
         Ok(Self {
             store,
             config: Arc::new(config),
+            lost_writes: Arc::default(),
         })
     }
 
@@ -173,6 +214,12 @@ impl SessionManager {
     /// The store in use.
     pub fn store(&self) -> &Arc<dyn SessionStore> {
         &self.store
+    }
+
+    /// How many commits of this manager (and its clones) lost their changes because the
+    /// session ended while the request ran (see [`CommitOutcome::lost_changes`]).
+    pub fn lost_writes(&self) -> u64 {
+        self.lost_writes.load(Ordering::Relaxed)
     }
 
     /// The first of `candidates` that is a cookie value this manager signed (no store call),
@@ -191,7 +238,8 @@ impl SessionManager {
     ///
     /// A missing, malformed, tampered or unknown cookie, an expired session and a stored record
     /// that does not decode all give a fresh session; only the first three make no store call.
-    /// A store fault is an error.
+    /// A cookie whose session moved to a new id gives a session that holds nothing and whose
+    /// changes are not written (its commit reports them lost). A store fault is an error.
     pub async fn load(&self, cookie_value: Option<&str>) -> Result<Session, SessionError> {
         let now = SystemTime::now();
         let Some(verified) =
@@ -200,13 +248,17 @@ impl SessionManager {
             return Ok(self.fresh(now));
         };
         let key = StorageKey::derive(&self.config.key_prefix, &verified.id);
-        let Some(loaded) = self.load_live(&key).await? else {
-            return Ok(self.fresh(now));
+        let loaded = match self.load_latest(&key).await? {
+            None => return Ok(self.fresh(now)),
+            Some(StoredEntry::Moved { .. }) => {
+                return Ok(Session::new(Origin::Moved { key }, self.new_record(now)));
+            }
+            Some(StoredEntry::Session(loaded)) => loaded,
         };
         if self.absolute_left(&loaded.record, now) == Some(Duration::ZERO) {
-            tracing::debug!(key = %key, "session passed its absolute deadline");
+            tracing::debug!("session passed its absolute deadline");
             if let Err(error) = self.store.delete(&key).await {
-                tracing::warn!(key = %key, %error, "could not delete a session past its absolute deadline");
+                tracing::warn!(%error, "could not delete a session past its absolute deadline");
             }
             return Ok(self.fresh(now));
         }
@@ -216,6 +268,7 @@ impl SessionManager {
                 key,
                 version: loaded.version,
                 expires_in: loaded.expires_in,
+                loaded_at: Instant::now(),
                 needs_resign: verified.needs_resign,
             }),
             loaded.record,
@@ -224,44 +277,79 @@ impl SessionManager {
 
     /// Writes what the request did to the session and says what to do with the cookie.
     ///
+    /// `Set-Cookie` is asked for only when the cookie changes: a new id (created or cycled), a
+    /// re-signature with the current key, a removal, or, for a persistent cookie, a new
+    /// `Max-Age` when the session's expiry was pushed back. The expiry is pushed back (by a
+    /// save or a touch) only once less than the touch threshold is left, so most saves send
+    /// no cookie, and fewer late responses can overwrite a newer cookie.
+    ///
     /// When the session turns out to have ended while the request ran (deleted by a logout,
-    /// expired, or moved to a new id by a concurrent login), the outcome is
-    /// [`CommitStatus::Ended`], nothing is written, and the cookie is left alone: a removal
-    /// here could overwrite the newer cookie a concurrent login just set. Only
+    /// expired, or moved to a new id by a concurrent login before this request loaded it),
+    /// the outcome is [`CommitStatus::Ended`], nothing is written, and the cookie is left
+    /// alone: a removal here could overwrite the newer cookie a concurrent login just set.
+    /// If the request had changes, [`CommitOutcome::lost_changes`] is set. Only
     /// [`Session::destroy`] clears the cookie.
-    pub async fn commit(&self, session: Session) -> Result<CommitOutcome, SessionError> {
+    pub async fn commit(&self, mut session: Session) -> Result<CommitOutcome, SessionError> {
         let now = SystemTime::now();
         if session.destroyed {
             return self.commit_destroyed(session, now).await;
         }
-        match &session.origin {
-            Origin::Fresh if session.record.is_empty() => Ok(CommitOutcome {
-                status: CommitStatus::Anonymous,
-                cookie: None,
-            }),
+        match std::mem::replace(&mut session.origin, Origin::Fresh) {
+            Origin::Fresh if session.record.is_empty() => {
+                Ok(CommitOutcome::new(CommitStatus::Anonymous, None))
+            }
             Origin::Fresh => {
                 self.create_new(&session.record, now, CommitStatus::Created)
                     .await
             }
+            Origin::Moved { .. } if session.record.is_empty() => {
+                Ok(CommitOutcome::new(CommitStatus::Anonymous, None))
+            }
+            Origin::Moved { .. } => Ok(self.lost("the cookie named a session that moved")),
             Origin::Stored(stored) if session.cycle_requested => {
-                self.commit_cycled(&session, stored, now).await
+                self.commit_cycled(&mut session, stored, now).await
             }
             Origin::Stored(stored) if session.is_modified() => {
-                self.save_with_replay(&session, stored, now).await
+                self.save_with_replay(&mut session, stored, now).await
             }
-            Origin::Stored(stored) => self.touch_if_due(stored, &session.record, now).await,
+            Origin::Stored(stored) => self.touch_if_due(&stored, &session.record, now).await,
         }
     }
 
     /// Loads the live entry under `key`; a record that does not decode counts as absent.
-    async fn load_live(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, SessionError> {
-        match self.store.load(key).await {
-            Ok(loaded) => Ok(loaded),
+    async fn load_latest(&self, key: &StorageKey) -> Result<Option<StoredEntry>, SessionError> {
+        match self.store.load_entry(key).await {
+            Ok(entry) => Ok(entry),
             Err(StoreError::Decode(error)) => {
-                tracing::warn!(key = %key, %error, "stored session does not decode; treating it as absent");
+                tracing::warn!(%error, "stored session does not decode; treating it as absent");
                 Ok(None)
             }
             Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The newest version of the session loaded under `key`, following moves.
+    async fn resolve(&self, key: &StorageKey) -> Result<Latest, SessionError> {
+        let mut key = key.clone();
+        let mut markers = Vec::new();
+        loop {
+            match self.load_latest(&key).await? {
+                None => return Ok(Latest::Gone),
+                Some(StoredEntry::Session(loaded)) => {
+                    return Ok(Latest::Live {
+                        key,
+                        loaded,
+                        markers,
+                    });
+                }
+                Some(StoredEntry::Moved { to }) => {
+                    if markers.len() == MAX_MOVES_FOLLOWED {
+                        tracing::warn!("session moved too many times while a request ran");
+                        return Ok(Latest::Gone);
+                    }
+                    markers.push(std::mem::replace(&mut key, to));
+                }
+            }
         }
     }
 
@@ -290,15 +378,39 @@ impl SessionManager {
         }
     }
 
-    /// The time to live a write at `now` gives `record`: the idle timeout, cut to the time left
-    /// before the absolute deadline but never below the shortest TTL (the deadline itself is
-    /// checked on every load). `None` once the deadline has passed.
+    /// The time to live a write at `now` gives `record` when it pushes the expiry back: the
+    /// idle timeout, cut to the time left before the absolute deadline but never below the
+    /// shortest TTL (the deadline itself is checked on every load). `None` once the deadline
+    /// has passed.
     fn write_ttl(&self, record: &Record, now: SystemTime) -> Option<Duration> {
         let idle = self.config.idle_timeout;
         match self.absolute_left(record, now) {
             None => Some(idle),
             Some(Duration::ZERO) => None,
             Some(left) => Some(idle.min(left).max(MIN_TTL)),
+        }
+    }
+
+    /// The TTL a save or touch of a loaded session gives it, and whether that pushes its expiry
+    /// back: only once less than the touch threshold is left (or the store cannot tell) does
+    /// it get [`write_ttl`](Self::write_ttl); until then it keeps the expiry it has. `None`
+    /// once the absolute deadline has passed.
+    fn ttl_plan(
+        &self,
+        record: &Record,
+        expires_in: Option<Duration>,
+        loaded_at: Instant,
+        now: SystemTime,
+    ) -> Option<(Duration, bool)> {
+        let full = self.write_ttl(record, now)?;
+        let left = expires_in.map(|left| left.saturating_sub(loaded_at.elapsed()));
+        match left {
+            Some(left)
+                if left >= self.config.effective_touch_threshold() || full < left + MIN_TTL =>
+            {
+                Some((left.min(full).max(MIN_TTL), false))
+            }
+            _ => Some((full, true)),
         }
     }
 
@@ -321,11 +433,8 @@ impl SessionManager {
         let Some(ttl) = self.write_ttl(record, now) else {
             return Ok(self.ended());
         };
-        let (id, _) = self.store_under_new_id(record, ttl, status).await?;
-        Ok(CommitOutcome {
-            status,
-            cookie: Some(self.set_cookie(&id, ttl)),
-        })
+        let (id, _, _) = self.store_under_new_id(record, ttl, status).await?;
+        Ok(CommitOutcome::new(status, Some(self.set_cookie(&id, ttl))))
     }
 
     /// Stores `record` under a newly drawn id for `ttl`, drawing again on a collision.
@@ -334,15 +443,15 @@ impl SessionManager {
         record: &Record,
         ttl: Duration,
         status: CommitStatus,
-    ) -> Result<(SessionId, StorageKey), SessionError> {
+    ) -> Result<(SessionId, StorageKey, Version), SessionError> {
         self.check_size(record)?;
         for _ in 0..MAX_ID_DRAWS {
             let id = SessionId::generate()?;
             let key = StorageKey::derive(&self.config.key_prefix, &id);
             match self.store.create(&key, record, ttl).await {
-                Ok(_) => {
-                    tracing::debug!(key = %key, ?status, "session stored under a new id");
-                    return Ok((id, key));
+                Ok(version) => {
+                    tracing::debug!(?status, "session stored under a new id");
+                    return Ok((id, key, version));
                 }
                 Err(StoreError::AlreadyExists) => {
                     tracing::warn!("session id collision; drawing another id");
@@ -353,104 +462,223 @@ impl SessionManager {
         Err(SessionError::IdCollisions)
     }
 
-    /// Moves the session to a new id: reads the newest version of the old entry (so a session
-    /// ended meanwhile stays ended and changes saved meanwhile are kept), replays this
-    /// request's changes onto it, creates it under a new id, then deletes the old entry.
+    /// Moves the session to a new id. The new entry is created from what this request holds;
+    /// then the old entry is marked moved, against the version this request loaded. If that
+    /// conflicts (a concurrent save), the newer version is read, this request's changes are
+    /// replayed onto it, the new entry is rewritten with the result, and the mark is tried
+    /// again, so no change acknowledged to a concurrent request is lost. If the old entry
+    /// ended or moved meanwhile (a logout, or a concurrent login that won), the new entry is
+    /// removed and the outcome is `Ended`: two concurrent cycles leave one live entry.
     async fn commit_cycled(
         &self,
-        session: &Session,
-        stored: &StoredSession,
+        session: &mut Session,
+        stored: StoredSession,
         now: SystemTime,
     ) -> Result<CommitOutcome, SessionError> {
-        let Some(latest) = self.load_live(&stored.key).await? else {
-            return Ok(self.ended());
-        };
-        let mut record = latest.record;
-        session.replay_onto(&mut record);
-        let Some(ttl) = self.write_ttl(&record, now) else {
+        let Some(ttl) = self.write_ttl(&session.record, now) else {
             self.store.delete(&stored.key).await?;
-            return Ok(self.ended());
+            return Ok(self.lost("the session passed its absolute deadline"));
         };
-        let (id, new_key) = self
-            .store_under_new_id(&record, ttl, CommitStatus::Cycled)
+        let (id, new_key, mut new_version) = self
+            .store_under_new_id(&session.record, ttl, CommitStatus::Cycled)
             .await?;
-        if let Err(error) = self.store.delete(&stored.key).await {
-            // The old id must not stay valid beside the new one; the request fails, and the
-            // new entry goes too, so that nothing is left behind (best effort).
+        let marker_ttl = self.config.moved_marker_ttl;
+        let mut version = stored.version;
+        let attempts = self.config.max_conflict_retries;
+        for attempt in 1..=attempts {
+            let marked = self
+                .store
+                .mark_moved(&stored.key, version, &new_key, marker_ttl)
+                .await;
+            let error = match marked {
+                Ok(()) => {
+                    tracing::debug!("session id cycled; old entry marked moved");
+                    return Ok(CommitOutcome::new(
+                        CommitStatus::Cycled,
+                        Some(self.set_cookie(&id, ttl)),
+                    ));
+                }
+                Err(StoreError::Conflict) => {
+                    tracing::debug!(attempt, "id cycle raced a save; carrying it over");
+                    backoff(attempt).await;
+                    match self
+                        .carry_over(session, &stored.key, &new_key, new_version, ttl)
+                        .await
+                    {
+                        Ok(Some((newer_old, newer_new))) => {
+                            version = newer_old;
+                            new_version = newer_new;
+                            continue;
+                        }
+                        Ok(None) => None,
+                        Err(error) => Some(error),
+                    }
+                }
+                Err(StoreError::NotFound) => None,
+                Err(error) => Some(error.into()),
+            };
+            // The cycle failed or lost: the new entry must not outlive it.
             if let Err(cleanup) = self.store.delete(&new_key).await {
-                tracing::warn!(key = %new_key, error = %cleanup, "could not remove the new entry of a failed id cycle");
+                tracing::warn!(error = %cleanup, "could not remove the new entry of a failed id cycle");
             }
-            return Err(error.into());
+            return match error {
+                Some(error) => Err(error),
+                None => Ok(self.lost("the session ended or moved during an id cycle")),
+            };
         }
-        tracing::debug!(key = %stored.key, "session id cycled; old entry deleted");
-        Ok(CommitOutcome {
-            status: CommitStatus::Cycled,
-            cookie: Some(self.set_cookie(&id, ttl)),
-        })
+        if let Err(cleanup) = self.store.delete(&new_key).await {
+            tracing::warn!(error = %cleanup, "could not remove the new entry of a failed id cycle");
+        }
+        Err(SessionError::ConflictRetriesExhausted { attempts })
+    }
+
+    /// After an id cycle's mark conflicted: reads the old entry again, replays this request's
+    /// changes onto it and rewrites the new entry with the result. Returns the old entry's
+    /// and the new entry's versions, or `None` when the old entry ended or moved.
+    async fn carry_over(
+        &self,
+        session: &mut Session,
+        old_key: &StorageKey,
+        new_key: &StorageKey,
+        new_version: Version,
+        ttl: Duration,
+    ) -> Result<Option<(Version, Version)>, SessionError> {
+        let Some(StoredEntry::Session(loaded)) = self.load_latest(old_key).await? else {
+            return Ok(None);
+        };
+        let mut record = loaded.record;
+        session.replay_onto(&mut record, self.config.same_key_conflict)?;
+        self.check_size(&record)?;
+        let saved = self.store.save(new_key, &record, ttl, new_version).await?;
+        Ok(Some((loaded.version, saved)))
     }
 
     /// Deletes the stored session, if any, and clears the cookie; values inserted after
     /// `destroy` go into a new session under a new id.
     async fn commit_destroyed(
         &self,
-        session: Session,
+        mut session: Session,
         now: SystemTime,
     ) -> Result<CommitOutcome, SessionError> {
-        let status = match &session.origin {
+        let status = match std::mem::replace(&mut session.origin, Origin::Fresh) {
             Origin::Stored(stored) => {
-                self.store.delete(&stored.key).await?;
-                tracing::debug!(key = %stored.key, "session destroyed");
+                self.end_session(&stored.key, Some(stored.version)).await?;
+                CommitStatus::Destroyed
+            }
+            Origin::Moved { key } => {
+                self.end_session(&key, None).await?;
                 CommitStatus::Destroyed
             }
             Origin::Fresh => CommitStatus::Anonymous,
         };
         if !session.record.is_empty() {
             let mut record = self.new_record(now);
-            session.replay_onto(&mut record);
+            session.replay_onto(&mut record, SameKeyConflict::LastWriterWins)?;
             return self.create_new(&record, now, CommitStatus::Created).await;
         }
-        Ok(CommitOutcome {
-            status,
-            cookie: Some(self.removal_cookie()),
-        })
+        Ok(CommitOutcome::new(status, Some(self.removal_cookie())))
     }
 
-    /// Saves against the loaded version; on a conflict reloads, replays this request's changes
-    /// onto the newer record and tries again, up to the configured number of saves.
+    /// Ends the session loaded under `key` at `version` (or, with `None`, whatever is there):
+    /// deletes it only at the version last read, so a concurrent cycle cannot slip a move
+    /// past the delete, and follows any move to end the session where it went, then removes
+    /// the markers passed on the way.
+    async fn end_session(
+        &self,
+        key: &StorageKey,
+        version: Option<Version>,
+    ) -> Result<(), SessionError> {
+        let mut target = version.map(|version| (key.clone(), version));
+        let mut markers = Vec::new();
+        let attempts = self.config.max_conflict_retries;
+        for attempt in 1..=attempts {
+            if let Some((key, version)) = &target {
+                match self.store.delete_if_version(key, *version).await {
+                    Ok(()) | Err(StoreError::NotFound) => break,
+                    Err(StoreError::Conflict) => backoff(attempt).await,
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            let from = target.as_ref().map_or(key, |(key, _)| key);
+            match self.resolve(from).await? {
+                Latest::Gone => break,
+                Latest::Live {
+                    key,
+                    loaded,
+                    markers: passed,
+                } => {
+                    markers.extend(passed);
+                    target = Some((key, loaded.version));
+                }
+            }
+            if attempt == attempts {
+                return Err(SessionError::ConflictRetriesExhausted { attempts });
+            }
+        }
+        for marker in markers {
+            self.store.delete(&marker).await?;
+        }
+        tracing::debug!("session destroyed");
+        Ok(())
+    }
+
+    /// Saves against the loaded version; on a conflict reloads (following a move to a new id),
+    /// replays this request's changes onto the newer record and tries again, up to the
+    /// configured number of saves.
     async fn save_with_replay(
         &self,
-        session: &Session,
-        stored: &StoredSession,
+        session: &mut Session,
+        stored: StoredSession,
         now: SystemTime,
     ) -> Result<CommitOutcome, SessionError> {
         let attempts = self.config.max_conflict_retries;
+        let mut key = stored.key.clone();
         let mut version = stored.version;
+        let mut expires_in = stored.expires_in;
+        let mut loaded_at = stored.loaded_at;
+        let mut followed = false;
         let mut newer: Option<Record> = None;
         for attempt in 1..=attempts {
             let record = newer.as_ref().unwrap_or(&session.record);
             self.check_size(record)?;
-            let Some(ttl) = self.write_ttl(record, now) else {
-                self.store.delete(&stored.key).await?;
-                return Ok(self.ended());
+            let Some((ttl, extended)) = self.ttl_plan(record, expires_in, loaded_at, now) else {
+                self.store.delete(&key).await?;
+                return Ok(self.lost("the session passed its absolute deadline"));
             };
-            match self.store.save(&stored.key, record, ttl, version).await {
-                Ok(_) => {
-                    return Ok(CommitOutcome {
-                        status: CommitStatus::Saved,
-                        cookie: Some(self.set_cookie(&stored.id, ttl)),
-                    });
+            match self.store.save(&key, record, ttl, version).await {
+                Ok(_) if followed => {
+                    return Ok(CommitOutcome::new(CommitStatus::Followed, None));
                 }
-                Err(StoreError::NotFound) => return Ok(self.ended()),
+                Ok(_) => {
+                    let refresh = extended && self.config.cookie.persistent;
+                    let cookie =
+                        (refresh || stored.needs_resign).then(|| self.set_cookie(&stored.id, ttl));
+                    return Ok(CommitOutcome::new(CommitStatus::Saved, cookie));
+                }
+                Err(StoreError::NotFound) => {
+                    return Ok(self.lost("the session ended while the request ran"));
+                }
                 Err(StoreError::Conflict) => {
-                    tracing::debug!(key = %stored.key, attempt, "save conflict; replaying onto the newer version");
+                    tracing::debug!(attempt, "save conflict; replaying onto the newer version");
                     backoff(attempt).await;
-                    let Some(loaded) = self.load_live(&stored.key).await? else {
-                        return Ok(self.ended());
+                    let Latest::Live {
+                        key: latest_key,
+                        loaded,
+                        ..
+                    } = self.resolve(&key).await?
+                    else {
+                        return Ok(self.lost("the session ended while the request ran"));
                     };
+                    if latest_key != key {
+                        followed = true;
+                        key = latest_key;
+                    }
                     let mut record = loaded.record;
-                    session.replay_onto(&mut record);
+                    session.replay_onto(&mut record, self.config.same_key_conflict)?;
                     newer = Some(record);
                     version = loaded.version;
+                    expires_in = loaded.expires_in;
+                    loaded_at = Instant::now();
                 }
                 Err(error) => return Err(error.into()),
             }
@@ -464,22 +692,18 @@ impl SessionManager {
         record: &Record,
         now: SystemTime,
     ) -> Result<CommitOutcome, SessionError> {
-        let Some(ttl) = self.write_ttl(record, now) else {
+        let Some((ttl, due)) = self.ttl_plan(record, stored.expires_in, stored.loaded_at, now)
+        else {
             self.store.delete(&stored.key).await?;
             return Ok(self.ended());
-        };
-        let due = match stored.expires_in {
-            None => true,
-            Some(left) => left < self.config.effective_touch_threshold() && ttl >= left + MIN_TTL,
         };
         if !due {
             return Ok(self.unchanged(stored));
         }
         if self.store.touch(&stored.key, ttl).await? {
-            Ok(CommitOutcome {
-                status: CommitStatus::Touched,
-                cookie: Some(self.set_cookie(&stored.id, ttl)),
-            })
+            let cookie = (self.config.cookie.persistent || stored.needs_resign)
+                .then(|| self.set_cookie(&stored.id, ttl));
+            Ok(CommitOutcome::new(CommitStatus::Touched, cookie))
         } else {
             Ok(self.ended())
         }
@@ -487,19 +711,30 @@ impl SessionManager {
 
     fn unchanged(&self, stored: &StoredSession) -> CommitOutcome {
         let cookie = stored.needs_resign.then(|| {
-            let left = stored.expires_in.unwrap_or(self.config.idle_timeout);
+            let left = stored.expires_in.map_or(self.config.idle_timeout, |left| {
+                left.saturating_sub(stored.loaded_at.elapsed())
+            });
             self.set_cookie(&stored.id, left)
         });
-        CommitOutcome {
-            status: CommitStatus::Unchanged,
-            cookie,
-        }
+        CommitOutcome::new(CommitStatus::Unchanged, cookie)
     }
 
     fn ended(&self) -> CommitOutcome {
+        CommitOutcome::new(CommitStatus::Ended, None)
+    }
+
+    /// A commit whose changes were not written because the session ended: logged (without id
+    /// or key), counted, and reported.
+    fn lost(&self, why: &'static str) -> CommitOutcome {
+        tracing::warn!(
+            why,
+            "session changes lost: the session ended while the request ran"
+        );
+        self.lost_writes.fetch_add(1, Ordering::Relaxed);
         CommitOutcome {
             status: CommitStatus::Ended,
             cookie: None,
+            lost_changes: true,
         }
     }
 

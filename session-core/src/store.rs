@@ -2,28 +2,40 @@
 //!
 //! # The contract
 //!
-//! Stores keep encoded [`Record`]s under [`StorageKey`]s, each entry with a time to live (TTL)
-//! and an opaque [`Version`]. The shared conformance suite (crate `session-conformance`) checks
-//! every rule below against every backend.
+//! Stores keep entries under [`StorageKey`]s, each with a time to live (TTL) and an opaque
+//! [`Version`]. An entry is either a session (an encoded [`Record`]) or a *moved marker*: what an
+//! id cycle leaves under the old key, naming the key the session moved to. The shared
+//! conformance suite (crate `session-conformance`) checks every rule below against every backend.
 //!
-//! - **create** `(key, record, ttl)` stores the record only if no live entry exists under `key`,
-//!   and returns the new entry's version. If one exists it returns
+//! - **create** `(key, record, ttl)` stores the record only if no live entry (session or
+//!   marker) exists under `key`, and returns the new entry's version. If one exists it returns
 //!   [`StoreError::AlreadyExists`] and changes nothing; the manager then draws a new id.
-//! - **load** `(key)` returns the record, its version and the time it has left, or `None` when
-//!   there is no entry or it has expired. An expired record is never returned.
-//! - **save** `(key, record, ttl, version)` writes only if the entry's version still equals
-//!   `version`, and returns the new version; a different version is [`StoreError::Conflict`].
-//!   A vanished entry (deleted, expired, evicted) is [`StoreError::NotFound`] and nothing is
-//!   written: a save never brings a deleted session back. Versions never repeat for a key, so a
-//!   version taken before a delete never matches an entry created after it.
-//! - **touch** `(key, ttl)` sets the entry's TTL to `ttl` from now without rewriting its value
-//!   or changing its version, and returns whether the entry existed.
-//! - **delete** `(key)` removes the entry; deleting a missing entry succeeds.
+//! - **load_entry** `(key)` returns the live entry: a session with its record, version and the
+//!   time it has left ([`StoredEntry::Session`]), or a marker with the key it points at
+//!   ([`StoredEntry::Moved`]); `None` when there is no entry or it has expired. An expired entry
+//!   is never returned. **load** `(key)` is the same for sessions only: a marker is `None`.
+//! - **save** `(key, record, ttl, version)` writes only if the entry is a session whose version
+//!   still equals `version`, and returns the new version; a different version, or a marker, is
+//!   [`StoreError::Conflict`]. A vanished entry (deleted, expired, evicted) is
+//!   [`StoreError::NotFound`] and nothing is written: a save never brings a deleted session
+//!   back. Versions never repeat for a key, so a version taken before a delete or a move never
+//!   matches a later entry.
+//! - **mark_moved** `(key, version, to, ttl)` replaces the session under `key` with a moved
+//!   marker pointing at `to`, under the same condition as `save` (same version, else
+//!   `Conflict`; missing, `NotFound`). The marker lives for `ttl`. A marker's version is never
+//!   handed out, so every conditional write against it is a `Conflict`.
+//! - **touch** `(key, ttl)` sets a session's TTL to `ttl` from now without rewriting its value
+//!   or changing its version, and returns whether a live session was there: `false` for a
+//!   missing entry and for a marker (whose TTL a backend may extend or leave alone).
+//! - **delete** `(key)` removes the entry, session or marker; deleting a missing entry succeeds.
+//! - **delete_if_version** `(key, version)` removes the session under `key` only if its version
+//!   still equals `version`: a different version or a marker is `Conflict` (nothing removed),
+//!   a missing entry `NotFound`.
 //! - **TTL**: every TTL from [`MIN_TTL`] (one second) to [`MAX_TTL`] (400 days) works on every
 //!   backend; one outside that range is [`StoreError::InvalidTtl`] and nothing is written.
 //!   An entry never expires before its TTL has passed. Backends with whole-second expiry
 //!   round up, so an entry may outlive its TTL by up to two seconds (and report up to two
-//!   seconds more in `expires_in`). Create, save and touch all set the TTL.
+//!   seconds more in `expires_in`). Create, save, mark_moved and touch all set the TTL.
 //! - **Size**: a record whose encoding is over [`SessionStore::max_record_size`] is
 //!   [`StoreError::TooLarge`], detected before anything is sent, and nothing is written.
 //! - **Values** are arbitrary bytes; stores must be binary safe.
@@ -33,6 +45,18 @@
 //!   are [`StoreError::Decode`].
 //! - Stores are shared by many tasks at once (`Send + Sync`) and must be object safe, so an
 //!   application can hold any of them as `Arc<dyn SessionStore>`.
+//!
+//! # Why markers and conditional deletes
+//!
+//! They let the [`SessionManager`](crate::SessionManager) end an old entry so that no
+//! concurrent request slips past. An id cycle creates the new entry, then marks the old one
+//! moved against the version it last read: a concurrent save to the old key lands either
+//! before the mark (the mark conflicts, and the cycle re-reads and carries that change to the
+//! new entry) or after it (the save conflicts, reloads, finds the marker and follows it to the
+//! new entry). Of two concurrent cycles only one mark succeeds; the other removes its own new
+//! entry. A destroy deletes with `delete_if_version` and, finding a marker, follows it, so a
+//! logout racing a login ends the session wherever it went. A request that *arrives* with the
+//! old id after the move finds a marker, which loads as no session: the old id is dead.
 //!
 //! # A complete store
 //!
@@ -45,14 +69,39 @@
 //! use std::time::{Duration, Instant};
 //!
 //! use async_trait::async_trait;
-//! use session_core::codec::{decode_record, encode_record_within};
+//! use session_core::codec::{encode_moved, encode_record_within, is_moved_marker};
 //! use session_core::store::check_ttl;
-//! use session_core::{LoadedRecord, Record, SessionStore, StorageKey, StoreError, Version};
+//! use session_core::{Record, SessionStore, StorageKey, StoreError, StoredEntry, Version};
+//!
+//! /// An entry: its bytes (a record or a moved marker), its version and its expiry.
+//! type Entry = (Vec<u8>, u64, Instant);
 //!
 //! #[derive(Default)]
 //! struct MapStore {
-//!     // key -> (encoded record, version, expiry); versions come from one counter.
-//!     entries: Mutex<(u64, HashMap<StorageKey, (Vec<u8>, u64, Instant)>)>,
+//!     // The last version handed out (versions never repeat), and the entries.
+//!     entries: Mutex<(u64, HashMap<StorageKey, Entry>)>,
+//! }
+//!
+//! impl MapStore {
+//!     /// Replaces the live session under `key` if its version is `version`.
+//!     fn replace(&self, key: &StorageKey, version: Version, bytes: Vec<u8>, ttl: Duration)
+//!         -> Result<Version, StoreError> {
+//!         check_ttl(ttl)?;
+//!         let mut guard = self.entries.lock().unwrap();
+//!         let (counter, map) = &mut *guard;
+//!         let now = Instant::now();
+//!         match map.get_mut(key) {
+//!             Some(entry) if entry.2 > now => {
+//!                 if entry.1 != version.get() || is_moved_marker(&entry.0) {
+//!                     return Err(StoreError::Conflict);
+//!                 }
+//!                 *counter += 1;
+//!                 *entry = (bytes, *counter, now + ttl);
+//!                 Ok(Version::new(*counter))
+//!             }
+//!             _ => Err(StoreError::NotFound),
+//!         }
+//!     }
 //! }
 //!
 //! #[async_trait]
@@ -72,37 +121,28 @@
 //!         Ok(Version::new(*counter))
 //!     }
 //!
-//!     async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+//!     async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
 //!         let guard = self.entries.lock().unwrap();
 //!         let now = Instant::now();
 //!         match guard.1.get(key) {
-//!             Some((bytes, version, expiry)) if *expiry > now => Ok(Some(LoadedRecord {
-//!                 record: decode_record(bytes)?,
-//!                 version: Version::new(*version),
-//!                 expires_in: Some(*expiry - now),
-//!             })),
+//!             Some((bytes, version, expiry)) if *expiry > now => Ok(Some(StoredEntry::decode(
+//!                 bytes,
+//!                 Version::new(*version),
+//!                 Some(*expiry - now),
+//!             )?)),
 //!             _ => Ok(None),
 //!         }
 //!     }
 //!
 //!     async fn save(&self, key: &StorageKey, record: &Record, ttl: Duration, version: Version)
 //!         -> Result<Version, StoreError> {
-//!         check_ttl(ttl)?;
 //!         let bytes = encode_record_within(record, self.max_record_size())?;
-//!         let mut guard = self.entries.lock().unwrap();
-//!         let (counter, map) = &mut *guard;
-//!         let now = Instant::now();
-//!         match map.get_mut(key) {
-//!             Some(entry) if entry.2 > now => {
-//!                 if entry.1 != version.get() {
-//!                     return Err(StoreError::Conflict);
-//!                 }
-//!                 *counter += 1;
-//!                 *entry = (bytes, *counter, now + ttl);
-//!                 Ok(Version::new(*counter))
-//!             }
-//!             _ => Err(StoreError::NotFound),
-//!         }
+//!         self.replace(key, version, bytes, ttl)
+//!     }
+//!
+//!     async fn mark_moved(&self, key: &StorageKey, version: Version, to: &StorageKey,
+//!         ttl: Duration) -> Result<(), StoreError> {
+//!         self.replace(key, version, encode_moved(to), ttl).map(drop)
 //!     }
 //!
 //!     async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
@@ -110,7 +150,7 @@
 //!         let mut guard = self.entries.lock().unwrap();
 //!         let now = Instant::now();
 //!         match guard.1.get_mut(key) {
-//!             Some(entry) if entry.2 > now => {
+//!             Some(entry) if entry.2 > now && !is_moved_marker(&entry.0) => {
 //!                 entry.2 = now + ttl;
 //!                 Ok(true)
 //!             }
@@ -121,6 +161,22 @@
 //!     async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
 //!         self.entries.lock().unwrap().1.remove(key);
 //!         Ok(())
+//!     }
+//!
+//!     async fn delete_if_version(&self, key: &StorageKey, version: Version)
+//!         -> Result<(), StoreError> {
+//!         let mut guard = self.entries.lock().unwrap();
+//!         let now = Instant::now();
+//!         match guard.1.get(key) {
+//!             Some((bytes, current, expiry)) if *expiry > now => {
+//!                 if *current != version.get() || is_moved_marker(bytes) {
+//!                     return Err(StoreError::Conflict);
+//!                 }
+//!                 guard.1.remove(key);
+//!                 Ok(())
+//!             }
+//!             _ => Err(StoreError::NotFound),
+//!         }
 //!     }
 //!
 //!     fn max_record_size(&self) -> usize {
@@ -135,11 +191,15 @@
 //! use session_core::{KeyPrefix, SessionId};
 //!
 //! let store: Arc<dyn SessionStore> = Arc::new(MapStore::default());
-//! let key = StorageKey::derive(&KeyPrefix::default(), &SessionId::generate().unwrap());
+//! let new_key = || StorageKey::derive(&KeyPrefix::default(), &SessionId::generate().unwrap());
+//! let (old, new) = (new_key(), new_key());
 //! let ttl = Duration::from_secs(60);
-//! let version = store.create(&key, &Record::new(SystemTime::now()), ttl).await.unwrap();
-//! let loaded = store.load(&key).await.unwrap().unwrap();
+//! let version = store.create(&old, &Record::new(SystemTime::now()), ttl).await.unwrap();
+//! let loaded = store.load(&old).await.unwrap().unwrap();
 //! assert_eq!(loaded.version, version);
+//! store.mark_moved(&old, version, &new, ttl).await.unwrap();
+//! assert!(store.load(&old).await.unwrap().is_none());
+//! assert_eq!(store.load_entry(&old).await.unwrap(), Some(StoredEntry::Moved { to: new }));
 //! # }
 //! ```
 
@@ -148,6 +208,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::codec::{DecodedEntry, decode_entry};
 use crate::error::StoreError;
 use crate::id::StorageKey;
 use crate::record::Record;
@@ -183,7 +244,7 @@ impl Version {
     }
 }
 
-/// What [`SessionStore::load`] returns for a live entry.
+/// A live session as [`SessionStore::load`] returns it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadedRecord {
     /// The decoded record.
@@ -193,6 +254,46 @@ pub struct LoadedRecord {
     /// How long the entry has left before it expires, as far as the backend can tell
     /// (`None` when it cannot). The manager uses it to decide when to touch.
     pub expires_in: Option<Duration>,
+}
+
+/// A live entry as [`SessionStore::load_entry`] returns it: a session, or the marker an id
+/// cycle left under the old key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoredEntry {
+    /// A session.
+    Session(LoadedRecord),
+    /// A moved marker: the session now lives under `to`.
+    Moved {
+        /// The key the session moved to.
+        to: StorageKey,
+    },
+}
+
+impl StoredEntry {
+    /// Builds the entry from stored bytes (a record or a moved marker, see the
+    /// [codec](crate::codec)) with the version and time left the backend reports; for stores.
+    pub fn decode(
+        bytes: &[u8],
+        version: Version,
+        expires_in: Option<Duration>,
+    ) -> Result<Self, StoreError> {
+        Ok(match decode_entry(bytes)? {
+            DecodedEntry::Record(record) => Self::Session(LoadedRecord {
+                record,
+                version,
+                expires_in,
+            }),
+            DecodedEntry::Moved(to) => Self::Moved { to },
+        })
+    }
+
+    /// The session, if this entry is one.
+    pub fn into_session(self) -> Option<LoadedRecord> {
+        match self {
+            Self::Session(loaded) => Some(loaded),
+            Self::Moved { .. } => None,
+        }
+    }
 }
 
 /// Where sessions live. See the [module documentation](self) for the contract every
@@ -207,10 +308,18 @@ pub trait SessionStore: Send + Sync {
         ttl: Duration,
     ) -> Result<Version, StoreError>;
 
-    /// Loads the live entry under `key`, or `None`.
-    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError>;
+    /// Loads the live entry under `key` (a session or a moved marker), or `None`.
+    async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError>;
 
-    /// Replaces the entry under `key` if its version is still `version`; returns the new one.
+    /// Loads the live session under `key`, or `None` (also for a moved marker).
+    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+        Ok(self
+            .load_entry(key)
+            .await?
+            .and_then(StoredEntry::into_session))
+    }
+
+    /// Replaces the session under `key` if its version is still `version`; returns the new one.
     async fn save(
         &self,
         key: &StorageKey,
@@ -219,11 +328,26 @@ pub trait SessionStore: Send + Sync {
         version: Version,
     ) -> Result<Version, StoreError>;
 
-    /// Sets the entry's time to live to `ttl` from now; returns whether it existed.
+    /// Replaces the session under `key`, if its version is still `version`, with a marker
+    /// saying it moved to `to`; the marker lives for `ttl`.
+    async fn mark_moved(
+        &self,
+        key: &StorageKey,
+        version: Version,
+        to: &StorageKey,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Sets the session's time to live to `ttl` from now; returns whether a live session was
+    /// there (`false` for a moved marker).
     async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError>;
 
     /// Removes the entry under `key`, if any.
     async fn delete(&self, key: &StorageKey) -> Result<(), StoreError>;
+
+    /// Removes the session under `key` only if its version is still `version`.
+    async fn delete_if_version(&self, key: &StorageKey, version: Version)
+    -> Result<(), StoreError>;
 
     /// The largest encoded record this store accepts, in bytes.
     fn max_record_size(&self) -> usize;
@@ -237,6 +361,10 @@ macro_rules! forward_store {
                 -> Result<Version, StoreError> {
                 (**self).create(key, record, ttl).await
             }
+            async fn load_entry(&self, key: &StorageKey)
+                -> Result<Option<StoredEntry>, StoreError> {
+                (**self).load_entry(key).await
+            }
             async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
                 (**self).load(key).await
             }
@@ -244,11 +372,19 @@ macro_rules! forward_store {
                 -> Result<Version, StoreError> {
                 (**self).save(key, record, ttl, version).await
             }
+            async fn mark_moved(&self, key: &StorageKey, version: Version, to: &StorageKey,
+                ttl: Duration) -> Result<(), StoreError> {
+                (**self).mark_moved(key, version, to, ttl).await
+            }
             async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
                 (**self).touch(key, ttl).await
             }
             async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
                 (**self).delete(key).await
+            }
+            async fn delete_if_version(&self, key: &StorageKey, version: Version)
+                -> Result<(), StoreError> {
+                (**self).delete_if_version(key, version).await
             }
             fn max_record_size(&self) -> usize {
                 (**self).max_record_size()

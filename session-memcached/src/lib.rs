@@ -9,8 +9,10 @@
 //! | `create` | `ms <key> <size> T<ttl> MS c` with add mode (`ME`): stores only if absent |
 //! | `load` | `mg <key> v c t`: the value, its CAS (the version) and its remaining TTL |
 //! | `save` | `ms <key> <size> T<ttl> C<cas> c`: compare-and-set; a vanished item stays vanished |
-//! | `touch` | `mg <key> T<ttl>` without the value |
+//! | `mark_moved` | `ms <key> <size> T<ttl> C<cas> F1 c`: the marker, compare-and-set; client flag 1 marks it |
+//! | `touch` | `mg <key> T<ttl> f` without the value; flag 1 (a marker) answers "no session" |
 //! | `delete` | `md <key>` |
+//! | `delete_if_version` | `md <key> C<cas>`: removed only at that CAS |
 //!
 //! TTLs are sent as whole seconds rounded up, plus one: memcached's clock ticks once a second,
 //! so an item stored with `T<n>` may expire up to a second before `n` seconds have passed. With
@@ -45,9 +47,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use memcache::exp::{AsyncMetaClient, GetStatus, Meta, MutationResult, MutationStatus, Ttl};
-use session_core::codec::{decode_record, encode_record_within};
+use session_core::codec::{encode_moved, encode_record_within};
 use session_core::store::check_ttl;
-use session_core::{LoadedRecord, Record, SessionStore, StorageKey, StoreError, Version};
+use session_core::{Record, SessionStore, StorageKey, StoreError, StoredEntry, Version};
 
 mod config;
 
@@ -123,10 +125,26 @@ impl MemcachedStore {
     ) -> Result<MutationResult, StoreError> {
         check_ttl(ttl)?;
         let bytes = encode_record_within(record, self.max_record_size)?;
+        self.write_bytes(operation, key, &bytes, SESSION_FLAGS, ttl, condition)
+            .await
+    }
+
+    /// Sets `key` to `bytes` with client `flags` for `ttl` under `condition`, asking for the
+    /// new CAS.
+    async fn write_bytes(
+        &self,
+        operation: &'static str,
+        key: &StorageKey,
+        bytes: &[u8],
+        flags: u32,
+        ttl: Duration,
+        condition: Condition,
+    ) -> Result<MutationResult, StoreError> {
         let item_key = self.item_key(key);
         let request = self
             .client
-            .set(item_key.as_bytes(), &bytes)
+            .set(item_key.as_bytes(), bytes)
+            .client_flags(flags)
             .ttl(wire_ttl(ttl))
             .return_cas();
         let request = match condition {
@@ -190,6 +208,12 @@ fn checked_cas(operation: &'static str, cas: u64) -> Result<Version, StoreError>
     Ok(Version::new(cas))
 }
 
+/// The client flags of an item holding a session record.
+const SESSION_FLAGS: u32 = 0;
+/// The client flags of an item holding a moved marker, so that `touch` (which reads flags but
+/// not the value) can tell a marker from a session.
+const MOVED_FLAGS: u32 = 1;
+
 /// When a write may happen.
 enum Condition {
     /// Only if no item exists (memcached's add mode).
@@ -233,7 +257,7 @@ impl SessionStore for MemcachedStore {
         }
     }
 
-    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+    async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
         let item_key = self.item_key(key);
         let request = self
             .client
@@ -254,11 +278,7 @@ impl SessionStore for MemcachedStore {
             .ttl
             .and_then(|secs| u64::try_from(secs).ok())
             .map(Duration::from_secs);
-        Ok(Some(LoadedRecord {
-            record: decode_record(&bytes)?,
-            version,
-            expires_in,
-        }))
+        StoredEntry::decode(&bytes, version, expires_in).map(Some)
     }
 
     async fn save(
@@ -278,6 +298,32 @@ impl SessionStore for MemcachedStore {
         }
     }
 
+    async fn mark_moved(
+        &self,
+        key: &StorageKey,
+        version: Version,
+        to: &StorageKey,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        check_ttl(ttl)?;
+        let marker = encode_moved(to);
+        let result = self
+            .write_bytes(
+                "mark_moved",
+                key,
+                &marker,
+                MOVED_FLAGS,
+                ttl,
+                Condition::Cas(version.get()),
+            )
+            .await?;
+        match result.status {
+            MutationStatus::CasMismatch => Err(StoreError::Conflict),
+            MutationStatus::NotFound => Err(StoreError::NotFound),
+            _ => written_version("mark_moved", result).map(drop),
+        }
+    }
+
     async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
         check_ttl(ttl)?;
         let item_key = self.item_key(key);
@@ -288,7 +334,9 @@ impl SessionStore for MemcachedStore {
             .without_value()
             .send();
         let result = self.run("touch", request).await?;
-        Ok(result.status == GetStatus::Hit)
+        // A marker's TTL is extended too (memcached touches before it answers); it is still
+        // not a session.
+        Ok(result.status == GetStatus::Hit && result.client_flags != Some(MOVED_FLAGS))
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
@@ -298,6 +346,29 @@ impl SessionStore for MemcachedStore {
         match result.status {
             MutationStatus::Applied | MutationStatus::NotFound => Ok(()),
             other => Err(unexpected("delete", format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn delete_if_version(
+        &self,
+        key: &StorageKey,
+        version: Version,
+    ) -> Result<(), StoreError> {
+        let item_key = self.item_key(key);
+        let request = self
+            .client
+            .delete(item_key.as_bytes())
+            .compare_cas(version.get())
+            .send();
+        let result = self.run("delete_if_version", request).await?;
+        match result.status {
+            MutationStatus::Applied => Ok(()),
+            MutationStatus::NotFound => Err(StoreError::NotFound),
+            MutationStatus::CasMismatch => Err(StoreError::Conflict),
+            other => Err(unexpected(
+                "delete_if_version",
+                format!("unexpected reply {other:?}"),
+            )),
         }
     }
 

@@ -36,9 +36,9 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use session_core::codec::{decode_record, encode_record_within};
+use session_core::codec::{encode_moved, encode_record_within, is_moved_marker};
 use session_core::store::check_ttl;
-use session_core::{LoadedRecord, Record, SessionStore, StorageKey, StoreError, Version};
+use session_core::{Record, SessionStore, StorageKey, StoreError, StoredEntry, Version};
 
 /// The smallest share of `max_sessions` a default-sized shard gets.
 const MIN_SHARD_SHARE: usize = 256;
@@ -209,6 +209,30 @@ impl MemoryStore {
     /// spawned; expired entries are then freed when touched or when a shard fills).
     pub fn has_sweeper(&self) -> bool {
         self.sweeper.thread.is_some()
+    }
+
+    /// Replaces the live session under `key` with `bytes` if its version is still `version`.
+    fn replace(
+        &self,
+        key: &StorageKey,
+        version: Version,
+        bytes: Arc<[u8]>,
+        ttl: Duration,
+    ) -> Result<Version, StoreError> {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        let next = shard.last_version + 1;
+        let entry = shard.live(key, now).ok_or(StoreError::NotFound)?;
+        if entry.version != version.get() || is_moved_marker(&entry.bytes) {
+            return Err(StoreError::Conflict);
+        }
+        *entry = Entry {
+            bytes,
+            version: next,
+            expires_at: now + ttl,
+        };
+        shard.last_version = next;
+        Ok(Version::new(next))
     }
 
     fn shard(&self, key: &StorageKey) -> MutexGuard<'_, Shard> {
@@ -385,7 +409,7 @@ impl SessionStore for MemoryStore {
         Ok(Version::new(version))
     }
 
-    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+    async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
         let now = Instant::now();
         let found = self
             .shard(key)
@@ -394,11 +418,12 @@ impl SessionStore for MemoryStore {
         let Some((bytes, version, expires_at)) = found else {
             return Ok(None);
         };
-        Ok(Some(LoadedRecord {
-            record: decode_record(&bytes)?,
-            version: Version::new(version),
-            expires_in: Some(expires_at.saturating_duration_since(now)),
-        }))
+        StoredEntry::decode(
+            &bytes,
+            Version::new(version),
+            Some(expires_at.saturating_duration_since(now)),
+        )
+        .map(Some)
     }
 
     async fn save(
@@ -409,21 +434,20 @@ impl SessionStore for MemoryStore {
         version: Version,
     ) -> Result<Version, StoreError> {
         check_ttl(ttl)?;
-        let bytes: Arc<[u8]> = encode_record_within(record, self.inner.max_record_size)?.into();
-        let now = Instant::now();
-        let mut shard = self.shard(key);
-        let next = shard.last_version + 1;
-        let entry = shard.live(key, now).ok_or(StoreError::NotFound)?;
-        if entry.version != version.get() {
-            return Err(StoreError::Conflict);
-        }
-        *entry = Entry {
-            bytes,
-            version: next,
-            expires_at: now + ttl,
-        };
-        shard.last_version = next;
-        Ok(Version::new(next))
+        let bytes = encode_record_within(record, self.inner.max_record_size)?.into();
+        self.replace(key, version, bytes, ttl)
+    }
+
+    async fn mark_moved(
+        &self,
+        key: &StorageKey,
+        version: Version,
+        to: &StorageKey,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        check_ttl(ttl)?;
+        self.replace(key, version, encode_moved(to).into(), ttl)
+            .map(drop)
     }
 
     async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
@@ -432,12 +456,28 @@ impl SessionStore for MemoryStore {
         let mut shard = self.shard(key);
         Ok(shard
             .live(key, now)
+            .filter(|entry| !is_moved_marker(&entry.bytes))
             .map(|entry| entry.expires_at = now + ttl)
             .is_some())
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
         self.shard(key).entries.remove(key);
+        Ok(())
+    }
+
+    async fn delete_if_version(
+        &self,
+        key: &StorageKey,
+        version: Version,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        let entry = shard.live(key, now).ok_or(StoreError::NotFound)?;
+        if entry.version != version.get() || is_moved_marker(&entry.bytes) {
+            return Err(StoreError::Conflict);
+        }
+        shard.entries.remove(key);
         Ok(())
     }
 

@@ -7,8 +7,10 @@
 //! | `create` | `SET key value NX PX ttl` |
 //! | `load` | `GET key` |
 //! | `save` | a Lua script: compare the stored version, then `SET key value PX ttl`; a missing key is not found and stays missing |
-//! | `touch` | a Lua script: `PEXPIRE key ttl`, then `SETRANGE` of the 8-byte expiry stamp (the record and its version are untouched) |
+//! | `mark_moved` | the save script, writing a moved marker in place of the record |
+//! | `touch` | a Lua script: unless the value is a moved marker, `PEXPIRE key ttl`, then `SETRANGE` of the 8-byte expiry stamp (the record and its version are untouched) |
 //! | `delete` | `DEL key` |
+//! | `delete_if_version` | a Lua script: compare the stored version, then `DEL key` |
 //!
 //! The stored value is a 16-byte header (the version, then the expiry as Unix milliseconds,
 //! both big-endian) followed by the encoded record; the expiry stamp lets `load` report the
@@ -46,9 +48,9 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
-use session_core::codec::{DecodeError, decode_record, encode_record_within};
+use session_core::codec::{DecodeError, FORMAT_MOVED, encode_moved, encode_record_within};
 use session_core::store::check_ttl;
-use session_core::{LoadedRecord, Record, SessionStore, StorageKey, StoreError, Version};
+use session_core::{Record, SessionStore, StorageKey, StoreError, StoredEntry, Version};
 
 mod config;
 
@@ -63,13 +65,29 @@ const VERSION_LEN: usize = 8;
 /// Bytes of the header: the version, then the expiry stamp.
 const HEADER_LEN: usize = 16;
 
-/// ARGV: TTL in ms, new 8-byte expiry stamp. Returns 1 if the key existed, 0 otherwise.
+/// ARGV: TTL in ms, new 8-byte expiry stamp, the moved marker's format byte. Returns 1 if a
+/// session was there (and is touched), 0 for a missing key or a moved marker (left alone).
 static TOUCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
+local kind = redis.call('GETRANGE', KEYS[1], 16, 16)
+if kind == '' or kind == ARGV[3] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SETRANGE', KEYS[1], 8, ARGV[2])
 return 1
+",
+    )
+});
+
+/// ARGV: expected version. Returns 0 (not found), 1 (conflict), 2 (deleted).
+static DELETE_IF_VERSION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local current = redis.call('GETRANGE', KEYS[1], 0, 7)
+if current == '' then return 0 end
+if current ~= ARGV[1] then return 1 end
+redis.call('DEL', KEYS[1])
+return 2
 ",
     )
 });
@@ -245,12 +263,39 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<(u64, Vec<u8>), StoreError> {
         let encoded = encode_record_within(record, self.max_record_size)?;
+        Ok(self.versioned_bytes(&encoded, ttl))
+    }
+
+    /// A fresh version and the value to store for `ttl`: the header, then `encoded`.
+    fn versioned_bytes(&self, encoded: &[u8], ttl: Duration) -> (u64, Vec<u8>) {
         let version = self.versions.next();
         let mut value = Vec::with_capacity(HEADER_LEN + encoded.len());
         value.extend_from_slice(&version.to_be_bytes());
         value.extend_from_slice(&now_millis().saturating_add(millis(ttl)).to_be_bytes());
-        value.extend_from_slice(&encoded);
-        Ok((version, value))
+        value.extend_from_slice(encoded);
+        (version, value)
+    }
+
+    /// Runs the save script: writes `value` if the stored version is still `version`.
+    async fn compare_and_set(
+        &self,
+        operation: &'static str,
+        key: &StorageKey,
+        version: Version,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let redis_key = self.redis_key(key);
+        let mut invocation = SAVE.key(redis_key.as_ref());
+        invocation
+            .arg(&version.get().to_be_bytes()[..])
+            .arg(value)
+            .arg(millis(ttl));
+        let outcome: i64 = self
+            .run(operation, invocation.invoke_async(&mut connection))
+            .await?;
+        conditional_outcome(operation, outcome)
     }
 }
 
@@ -275,6 +320,19 @@ impl Versions {
 
     fn next(&self) -> u64 {
         self.next.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Maps a conditional script's reply: 2 done, 1 conflict, 0 not found.
+fn conditional_outcome(operation: &'static str, outcome: i64) -> Result<(), StoreError> {
+    match outcome {
+        2 => Ok(()),
+        1 => Err(StoreError::Conflict),
+        0 => Err(StoreError::NotFound),
+        other => Err(StoreError::Backend {
+            operation,
+            source: format!("unexpected script reply {other}").into(),
+        }),
     }
 }
 
@@ -310,7 +368,7 @@ impl SessionStore for RedisStore {
         }
     }
 
-    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+    async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
         let mut connection = self.connection.clone();
         let mut command = redis::cmd("GET");
         command.arg(self.redis_key(key).as_ref());
@@ -328,13 +386,8 @@ impl SessionStore for RedisStore {
         let (version, expires_at) = header.split_at(VERSION_LEN);
         let version = u64::from_be_bytes(version.try_into().expect("eight bytes"));
         let expires_at = u64::from_be_bytes(expires_at.try_into().expect("eight bytes"));
-        Ok(Some(LoadedRecord {
-            record: decode_record(encoded)?,
-            version: Version::new(version),
-            expires_in: Some(Duration::from_millis(
-                expires_at.saturating_sub(now_millis()),
-            )),
-        }))
+        let expires_in = Duration::from_millis(expires_at.saturating_sub(now_millis()));
+        StoredEntry::decode(encoded, Version::new(version), Some(expires_in)).map(Some)
     }
 
     async fn save(
@@ -346,25 +399,22 @@ impl SessionStore for RedisStore {
     ) -> Result<Version, StoreError> {
         check_ttl(ttl)?;
         let (new_version, value) = self.versioned_value(record, ttl)?;
-        let mut connection = self.connection.clone();
-        let redis_key = self.redis_key(key);
-        let mut invocation = SAVE.key(redis_key.as_ref());
-        invocation
-            .arg(&version.get().to_be_bytes()[..])
-            .arg(value)
-            .arg(millis(ttl));
-        let outcome: i64 = self
-            .run("save", invocation.invoke_async(&mut connection))
+        self.compare_and_set("save", key, version, value, ttl)
             .await?;
-        match outcome {
-            2 => Ok(Version::new(new_version)),
-            1 => Err(StoreError::Conflict),
-            0 => Err(StoreError::NotFound),
-            other => Err(StoreError::Backend {
-                operation: "save",
-                source: format!("unexpected script reply {other}").into(),
-            }),
-        }
+        Ok(Version::new(new_version))
+    }
+
+    async fn mark_moved(
+        &self,
+        key: &StorageKey,
+        version: Version,
+        to: &StorageKey,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        check_ttl(ttl)?;
+        let (_, value) = self.versioned_bytes(&encode_moved(to), ttl);
+        self.compare_and_set("mark_moved", key, version, value, ttl)
+            .await
     }
 
     async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
@@ -375,7 +425,8 @@ impl SessionStore for RedisStore {
         let mut invocation = TOUCH.key(redis_key.as_ref());
         invocation
             .arg(millis(ttl))
-            .arg(&expires_at.to_be_bytes()[..]);
+            .arg(&expires_at.to_be_bytes()[..])
+            .arg(&[FORMAT_MOVED][..]);
         let touched: i64 = self
             .run("touch", invocation.invoke_async(&mut connection))
             .await?;
@@ -390,6 +441,24 @@ impl SessionStore for RedisStore {
             .run("delete", command.query_async(&mut connection))
             .await?;
         Ok(())
+    }
+
+    async fn delete_if_version(
+        &self,
+        key: &StorageKey,
+        version: Version,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let redis_key = self.redis_key(key);
+        let mut invocation = DELETE_IF_VERSION.key(redis_key.as_ref());
+        invocation.arg(&version.get().to_be_bytes()[..]);
+        let outcome: i64 = self
+            .run(
+                "delete_if_version",
+                invocation.invoke_async(&mut connection),
+            )
+            .await?;
+        conditional_outcome("delete_if_version", outcome)
     }
 
     fn max_record_size(&self) -> usize {

@@ -8,7 +8,7 @@ use session_core::codec::encoded_record_len;
 use session_core::store::{MAX_TTL, MIN_TTL};
 use session_core::{
     CommitStatus, KeyRing, Record, SessionConfig, SessionManager, SessionStore, SigningKey,
-    StorageKey, StoreError, Version,
+    StorageKey, StoreError, StoredEntry, Version,
 };
 use tokio::task::JoinSet;
 
@@ -561,6 +561,195 @@ pub async fn concurrent_saves_have_one_winner<S: SessionStore + Clone + 'static>
     exactly_one_wins(&store, &key, write, |e| matches!(e, StoreError::Conflict)).await;
 }
 
+/// `mark_moved` leaves a marker that names the new key and is no session: `load` does not
+/// return it, `touch` does not count it, every conditional write against it conflicts, `create`
+/// cannot replace it, and `delete` removes it.
+pub async fn mark_moved_leaves_a_marker_that_is_no_session<S: SessionStore + Clone + 'static>(
+    store: S,
+) {
+    let (old, new) = (new_key(), new_key());
+    let version = store
+        .create(&old, &record_with("user", b"alice"), MINUTE)
+        .await
+        .unwrap();
+    store.mark_moved(&old, version, &new, MINUTE).await.unwrap();
+    let moved = Some(StoredEntry::Moved { to: new.clone() });
+    assert_eq!(store.load_entry(&old).await.unwrap(), moved);
+    assert!(
+        store.load(&old).await.unwrap().is_none(),
+        "a marker loaded as a session"
+    );
+    assert!(
+        !store.touch(&old, MINUTE).await.unwrap(),
+        "touch counted a marker"
+    );
+    let error = load_err(
+        store
+            .save(&old, &record_with("user", b"mallory"), MINUTE, version)
+            .await,
+    );
+    assert!(matches!(error, StoreError::Conflict), "save: {error:?}");
+    let error = load_err(store.mark_moved(&old, version, &new_key(), MINUTE).await);
+    assert!(
+        matches!(error, StoreError::Conflict),
+        "mark_moved: {error:?}"
+    );
+    let error = load_err(store.delete_if_version(&old, version).await);
+    assert!(
+        matches!(error, StoreError::Conflict),
+        "delete_if_version: {error:?}"
+    );
+    let error = load_err(
+        store
+            .create(&old, &record_with("user", b"mallory"), MINUTE)
+            .await,
+    );
+    assert!(
+        matches!(error, StoreError::AlreadyExists),
+        "create: {error:?}"
+    );
+    assert_eq!(
+        store.load_entry(&old).await.unwrap(),
+        moved,
+        "the marker changed"
+    );
+    assert!(
+        store.load_entry(&new).await.unwrap().is_none(),
+        "the target was touched"
+    );
+    store.delete(&old).await.unwrap();
+    assert!(store.load_entry(&old).await.unwrap().is_none());
+}
+
+/// `mark_moved` applies only at the current version: an older one is `Conflict`, a missing
+/// entry `NotFound`, and neither writes anything.
+pub async fn mark_moved_is_conditional<S: SessionStore + Clone + 'static>(store: S) {
+    let (key, to) = (new_key(), new_key());
+    let v1 = store
+        .create(&key, &record_with("n", b"1"), MINUTE)
+        .await
+        .unwrap();
+    let v2 = store
+        .save(&key, &record_with("n", b"2"), MINUTE, v1)
+        .await
+        .unwrap();
+    let error = load_err(store.mark_moved(&key, v1, &to, MINUTE).await);
+    assert!(matches!(error, StoreError::Conflict), "got {error:?}");
+    let loaded = store.load(&key).await.unwrap().expect("still a session");
+    assert_eq!(
+        (loaded.record, loaded.version),
+        (record_with("n", b"2"), v2)
+    );
+    let missing = new_key();
+    let error = load_err(store.mark_moved(&missing, v2, &to, MINUTE).await);
+    assert!(matches!(error, StoreError::NotFound), "got {error:?}");
+    assert!(
+        store.load_entry(&missing).await.unwrap().is_none(),
+        "a marker was created"
+    );
+    let error = load_err(store.mark_moved(&key, v2, &to, Duration::ZERO).await);
+    assert!(
+        matches!(error, StoreError::InvalidTtl { .. }),
+        "got {error:?}"
+    );
+    assert!(store.load(&key).await.unwrap().is_some());
+}
+
+/// A marker lives for its own TTL, then is gone.
+pub async fn moved_marker_expires_after_its_ttl<S: SessionStore + Clone + 'static>(store: S) {
+    let key = new_key();
+    let version = store
+        .create(&key, &record_with("n", b"1"), MINUTE)
+        .await
+        .unwrap();
+    store
+        .mark_moved(&key, version, &new_key(), MIN_TTL)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.load_entry(&key).await.unwrap(),
+        Some(StoredEntry::Moved { .. })
+    ));
+    tokio::time::sleep(MIN_TTL + EXPIRY_GRACE).await;
+    assert!(
+        store.load_entry(&key).await.unwrap().is_none(),
+        "the marker outlived its TTL"
+    );
+}
+
+/// `delete_if_version` removes the session only at its current version: an older version is
+/// `Conflict` and removes nothing; a missing entry is `NotFound`.
+pub async fn delete_if_version_is_conditional<S: SessionStore + Clone + 'static>(store: S) {
+    let key = new_key();
+    let v1 = store
+        .create(&key, &record_with("n", b"1"), MINUTE)
+        .await
+        .unwrap();
+    let v2 = store
+        .save(&key, &record_with("n", b"2"), MINUTE, v1)
+        .await
+        .unwrap();
+    let error = load_err(store.delete_if_version(&key, v1).await);
+    assert!(matches!(error, StoreError::Conflict), "got {error:?}");
+    assert_eq!(store.load(&key).await.unwrap().unwrap().version, v2);
+    store.delete_if_version(&key, v2).await.unwrap();
+    assert!(store.load_entry(&key).await.unwrap().is_none());
+    let error = load_err(store.delete_if_version(&key, v2).await);
+    assert!(matches!(error, StoreError::NotFound), "got {error:?}");
+    let error = load_err(store.delete_if_version(&new_key(), v2).await);
+    assert!(matches!(error, StoreError::NotFound), "got {error:?}");
+}
+
+/// Sixteen tasks race on one version of one session, half saving and half marking it moved
+/// (each to a key of its own): exactly one wins, and the entry is the winner's.
+pub async fn concurrent_saves_and_marks_have_one_winner<S: SessionStore + Clone + 'static>(
+    store: S,
+) {
+    let key = new_key();
+    let version = store
+        .create(&key, &record_with("n", b"start"), MINUTE)
+        .await
+        .unwrap();
+    let mut tasks = JoinSet::new();
+    for task in 0..16u8 {
+        let (store, key) = (store.clone(), key.clone());
+        tasks.spawn(async move {
+            let to = new_key();
+            let won = if task % 2 == 0 {
+                store
+                    .save(&key, &record_with("n", &[task]), MINUTE, version)
+                    .await
+                    .map(|_| None)
+            } else {
+                store
+                    .mark_moved(&key, version, &to, MINUTE)
+                    .await
+                    .map(|()| Some(to))
+            };
+            (task, won)
+        });
+    }
+    let mut winners = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined.unwrap() {
+            (task, Ok(moved_to)) => winners.push((task, moved_to)),
+            (_, Err(StoreError::Conflict)) => {}
+            (_, Err(other)) => panic!("unexpected error {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let entry = store.load_entry(&key).await.unwrap();
+    match &winners[0] {
+        (task, None) => match entry {
+            Some(StoredEntry::Session(loaded)) => {
+                assert_eq!(loaded.record, record_with("n", &[*task]));
+            }
+            other => panic!("the winning save is not stored: {other:?}"),
+        },
+        (_, Some(to)) => assert_eq!(entry, Some(StoredEntry::Moved { to: to.clone() })),
+    }
+}
+
 /// Random sequences of operations on a few keys agree with a reference model (proptest).
 pub async fn model_based_operations<S: SessionStore + Clone + 'static>(store: S) {
     crate::model::check_against_model(store, 64).await;
@@ -614,6 +803,47 @@ pub async fn manager_concurrent_commits_lose_no_update<S: SessionStore + Clone +
             "task {task} lost an update"
         );
     }
+    assert!(
+        recording.conflicts() > 0,
+        "no save conflicted, so the case proved nothing about replay"
+    );
+}
+
+/// Through the manager, 32 tasks each count one shared value up 20 times with
+/// `Session::update` on one session at once: the count ends at exactly 640 (every conflict is
+/// replayed by running the update again on the newer value, never by overwriting it).
+pub async fn manager_concurrent_updates_count_every_one<S: SessionStore + Clone + 'static>(
+    store: S,
+) {
+    const TASKS: u32 = 32;
+    const ROUNDS: u32 = 20;
+    let recording = RecordingStore::new(store);
+    let manager = test_manager(recording.clone());
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("count", &0u32).unwrap();
+    let cookie = manager.commit(session).await.unwrap().cookie.unwrap().value;
+
+    let mut tasks = JoinSet::new();
+    for _ in 0..TASKS {
+        let (manager, cookie) = (manager.clone(), cookie.clone());
+        tasks.spawn(async move {
+            for _ in 0..ROUNDS {
+                let mut session = manager.load(Some(&cookie)).await.unwrap();
+                assert!(!session.is_new(), "the session vanished");
+                session
+                    .update("count", |n: Option<u32>| n.unwrap_or(0) + 1)
+                    .unwrap();
+                tokio::task::yield_now().await;
+                let outcome = manager.commit(session).await.unwrap();
+                assert_eq!(outcome.status, CommitStatus::Saved);
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.unwrap();
+    }
+    let session = manager.load(Some(&cookie)).await.unwrap();
+    assert_eq!(session.get::<u32>("count").unwrap(), Some(TASKS * ROUNDS));
     assert!(
         recording.conflicts() > 0,
         "no save conflicted, so the case proved nothing about replay"

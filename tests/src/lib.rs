@@ -65,8 +65,14 @@ macro_rules! conformance_suite {
             thousands_of_sessions,
             concurrent_creates_have_one_winner,
             concurrent_saves_have_one_winner,
+            mark_moved_leaves_a_marker_that_is_no_session,
+            mark_moved_is_conditional,
+            moved_marker_expires_after_its_ttl,
+            delete_if_version_is_conditional,
+            concurrent_saves_and_marks_have_one_winner,
             model_based_operations,
             manager_concurrent_commits_lose_no_update,
+            manager_concurrent_updates_count_every_one,
             manager_request_flow
         );
     };

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use session_core::{SessionStore, StorageKey, StoreError, Version};
+use session_core::{SessionStore, StorageKey, StoreError, StoredEntry, Version};
 
 use crate::cases::record_with;
 use crate::new_key;
@@ -47,6 +47,22 @@ pub enum Op {
         /// Which key.
         key: usize,
     },
+    /// `mark_moved` pointing at key number `to`, with the current version or an older one.
+    MarkMoved {
+        /// Which key.
+        key: usize,
+        /// Which key it moves to.
+        to: usize,
+        /// Use a version from before the latest write.
+        stale: bool,
+    },
+    /// `delete_if_version` with the current version or an older one.
+    DeleteIfVersion {
+        /// Which key.
+        key: usize,
+        /// Use a version from before the latest write.
+        stale: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -60,17 +76,72 @@ fn op() -> impl Strategy<Value = Op> {
             stale
         }),
         key.clone().prop_map(|key| Op::Touch { key }),
-        key.prop_map(|key| Op::Delete { key }),
+        key.clone().prop_map(|key| Op::Delete { key }),
+        (key.clone(), key.clone(), any::<bool>()).prop_map(|(key, to, stale)| Op::MarkMoved {
+            key,
+            to,
+            stale
+        }),
+        (key, any::<bool>()).prop_map(|(key, stale)| Op::DeleteIfVersion { key, stale }),
     ]
+}
+
+/// What a key holds, as the model sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Held {
+    /// Nothing.
+    #[default]
+    Nothing,
+    /// A session with this value and version.
+    Session(u8, Version),
+    /// A moved marker pointing at key number `.0`.
+    Moved(usize),
 }
 
 /// What the model knows of one key.
 #[derive(Default)]
 struct KeyModel {
-    /// The live value and its version, if the key holds an entry.
-    live: Option<(u8, Version)>,
+    held: Held,
     /// Every version the store has returned for this key, oldest first.
     history: Vec<Version>,
+}
+
+impl KeyModel {
+    /// The version a conditional write uses: the current one, an older one when `stale` (or
+    /// `None` when there is none to take), and for a missing entry or a marker the last one
+    /// handed out (or one never handed out).
+    fn version_for(&self, stale: bool) -> Option<Version> {
+        match (self.held, stale) {
+            (Held::Session(_, current), false) => Some(current),
+            (Held::Session(_, current), true) => {
+                self.history.iter().rev().find(|v| **v != current).copied()
+            }
+            _ => Some(
+                self.history
+                    .last()
+                    .copied()
+                    .unwrap_or(Version::new(u64::MAX / 3)),
+            ),
+        }
+    }
+
+    /// What a conditional write with a version from [`version_for`](Self::version_for) must
+    /// answer: `Ok(())` when it applies.
+    fn expected_condition(&self, stale: bool) -> Result<(), &'static str> {
+        match (self.held, stale) {
+            (Held::Session(..), false) => Ok(()),
+            (Held::Session(..), true) | (Held::Moved(_), _) => Err("Conflict"),
+            (Held::Nothing, _) => Err("NotFound"),
+        }
+    }
+}
+
+fn error_name(error: &StoreError) -> &'static str {
+    match error {
+        StoreError::Conflict => "Conflict",
+        StoreError::NotFound => "NotFound",
+        _ => "other",
+    }
 }
 
 fn fail(message: String) -> TestCaseError {
@@ -88,15 +159,15 @@ async fn run_sequence<S: SessionStore>(store: &S, ops: &[Op]) -> Result<(), Test
                     .create(&keys[key], &record_with("v", &[value]), TTL)
                     .await;
                 let m = &mut model[key];
-                match (&m.live, result) {
-                    (None, Ok(version)) => {
+                match (m.held, result) {
+                    (Held::Nothing, Ok(version)) => {
                         if m.history.contains(&version) {
                             return Err(fail(at("create reused an old version")));
                         }
-                        m.live = Some((value, version));
+                        m.held = Held::Session(value, version);
                         m.history.push(version);
                     }
-                    (Some(_), Err(StoreError::AlreadyExists)) => {}
+                    (Held::Session(..) | Held::Moved(_), Err(StoreError::AlreadyExists)) => {}
                     (expected, got) => {
                         return Err(fail(at(&format!("model {expected:?}, store {got:?}"))));
                     }
@@ -104,47 +175,75 @@ async fn run_sequence<S: SessionStore>(store: &S, ops: &[Op]) -> Result<(), Test
             }
             Op::Load { key } => {
                 let loaded = store
+                    .load_entry(&keys[key])
+                    .await
+                    .map_err(|e| fail(at(&e.to_string())))?;
+                let ok = match (model[key].held, &loaded) {
+                    (Held::Nothing, None) => true,
+                    (Held::Session(value, version), Some(StoredEntry::Session(got))) => {
+                        got.record == record_with("v", &[value]) && got.version == version
+                    }
+                    (Held::Moved(to), Some(StoredEntry::Moved { to: got })) => *got == keys[to],
+                    _ => false,
+                };
+                if !ok {
+                    let expected = model[key].held;
+                    return Err(fail(at(&format!("model {expected:?}, store {loaded:?}"))));
+                }
+                let session = store
                     .load(&keys[key])
                     .await
                     .map_err(|e| fail(at(&e.to_string())))?;
-                let got = loaded.map(|l| (l.record, l.version));
-                let expected = model[key]
-                    .live
-                    .map(|(value, version)| (record_with("v", &[value]), version));
-                if got != expected {
-                    return Err(fail(at(&format!("model {expected:?}, store {got:?}"))));
+                if session.is_some() != matches!(model[key].held, Held::Session(..)) {
+                    return Err(fail(at("load and load_entry disagree")));
                 }
             }
             Op::Save { key, value, stale } => {
                 let m = &mut model[key];
-                let version = match (&m.live, stale) {
-                    (Some((_, current)), false) => *current,
-                    (Some((_, current)), true) => {
-                        match m.history.iter().rev().find(|v| *v != current) {
-                            Some(older) => *older,
-                            None => continue,
-                        }
-                    }
-                    (None, _) => m
-                        .history
-                        .last()
-                        .copied()
-                        .unwrap_or(Version::new(u64::MAX / 3)),
+                let Some(version) = m.version_for(stale) else {
+                    continue;
                 };
                 let result = store
                     .save(&keys[key], &record_with("v", &[value]), TTL, version)
                     .await;
-                match (&m.live, stale, result) {
-                    (Some(_), false, Ok(new)) => {
+                match (m.expected_condition(stale), result) {
+                    (Ok(()), Ok(new)) => {
                         if m.history.contains(&new) {
                             return Err(fail(at("save reused an old version")));
                         }
-                        m.live = Some((value, new));
+                        m.held = Held::Session(value, new);
                         m.history.push(new);
                     }
-                    (Some(_), true, Err(StoreError::Conflict)) => {}
-                    (None, _, Err(StoreError::NotFound)) => {}
-                    (expected, _, got) => {
+                    (Err(expected), Err(got)) if expected == error_name(&got) => {}
+                    (expected, got) => {
+                        return Err(fail(at(&format!("model {expected:?}, store {got:?}"))));
+                    }
+                }
+            }
+            Op::MarkMoved { key, to, stale } => {
+                let m = &mut model[key];
+                let Some(version) = m.version_for(stale) else {
+                    continue;
+                };
+                let result = store.mark_moved(&keys[key], version, &keys[to], TTL).await;
+                match (m.expected_condition(stale), result) {
+                    (Ok(()), Ok(())) => m.held = Held::Moved(to),
+                    (Err(expected), Err(got)) if expected == error_name(&got) => {}
+                    (expected, got) => {
+                        return Err(fail(at(&format!("model {expected:?}, store {got:?}"))));
+                    }
+                }
+            }
+            Op::DeleteIfVersion { key, stale } => {
+                let m = &mut model[key];
+                let Some(version) = m.version_for(stale) else {
+                    continue;
+                };
+                let result = store.delete_if_version(&keys[key], version).await;
+                match (m.expected_condition(stale), result) {
+                    (Ok(()), Ok(())) => m.held = Held::Nothing,
+                    (Err(expected), Err(got)) if expected == error_name(&got) => {}
+                    (expected, got) => {
                         return Err(fail(at(&format!("model {expected:?}, store {got:?}"))));
                     }
                 }
@@ -154,7 +253,7 @@ async fn run_sequence<S: SessionStore>(store: &S, ops: &[Op]) -> Result<(), Test
                     .touch(&keys[key], TTL)
                     .await
                     .map_err(|e| fail(at(&e.to_string())))?;
-                if touched != model[key].live.is_some() {
+                if touched != matches!(model[key].held, Held::Session(..)) {
                     return Err(fail(at(&format!("touch said {touched}"))));
                 }
             }
@@ -163,7 +262,7 @@ async fn run_sequence<S: SessionStore>(store: &S, ops: &[Op]) -> Result<(), Test
                     .delete(&keys[key])
                     .await
                     .map_err(|e| fail(at(&e.to_string())))?;
-                model[key].live = None;
+                model[key].held = Held::Nothing;
             }
         }
     }

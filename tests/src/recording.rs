@@ -1,5 +1,6 @@
-//! [`RecordingStore`]: a store wrapper for tests that logs every call, counts save conflicts,
-//! and can be told to fail loads or writes, or to report undecodable records.
+//! [`RecordingStore`]: a store wrapper for tests that logs every call (`load_entry` is logged
+//! as `load`), counts conflicts, and can be told to fail loads or writes, or to report
+//! undecodable records.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use session_core::codec::decode_record;
-use session_core::{LoadedRecord, Record, SessionStore, StorageKey, StoreError, Version};
+use session_core::{Record, SessionStore, StorageKey, StoreError, StoredEntry, Version};
 
 /// Wraps a store; clones share the log and the switches.
 #[derive(Clone, Default)]
@@ -24,6 +25,8 @@ pub struct RecordingStore<S> {
     pub corrupt_loads: Arc<AtomicBool>,
     /// How many of the next `delete` calls fail with a backend error.
     pub fail_next_deletes: Arc<AtomicUsize>,
+    /// How many of the next `mark_moved` calls fail with a backend error.
+    pub fail_next_marks: Arc<AtomicUsize>,
 }
 
 impl<S> RecordingStore<S> {
@@ -37,6 +40,7 @@ impl<S> RecordingStore<S> {
             fail_writes: Arc::default(),
             corrupt_loads: Arc::default(),
             fail_next_deletes: Arc::default(),
+            fail_next_marks: Arc::default(),
         }
     }
 
@@ -50,7 +54,7 @@ impl<S> RecordingStore<S> {
         std::mem::take(&mut *self.calls.lock().expect("call log"))
     }
 
-    /// How many saves reported a conflict.
+    /// How many conditional writes (saves, marks, versioned deletes) reported a conflict.
     pub fn conflicts(&self) -> usize {
         self.conflicts.load(Ordering::Relaxed)
     }
@@ -74,13 +78,13 @@ impl<S: SessionStore> SessionStore for RecordingStore<S> {
         self.inner.create(k, r, t).await
     }
 
-    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+    async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
         self.log("load", &self.fail_loads)?;
         if self.corrupt_loads.load(Ordering::SeqCst) {
             let error = decode_record(&[0xee, 1]).expect_err("0xee is no format byte");
             return Err(StoreError::Decode(error));
         }
-        self.inner.load(key).await
+        self.inner.load_entry(key).await
     }
 
     async fn save(
@@ -98,6 +102,27 @@ impl<S: SessionStore> SessionStore for RecordingStore<S> {
         result
     }
 
+    async fn mark_moved(
+        &self,
+        key: &StorageKey,
+        version: Version,
+        to: &StorageKey,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.log("mark_moved", &self.fail_writes)?;
+        if take_one(&self.fail_next_marks) {
+            return Err(StoreError::Backend {
+                operation: "mark_moved",
+                source: "connection reset (injected)".into(),
+            });
+        }
+        let result = self.inner.mark_moved(key, version, to, ttl).await;
+        if matches!(result, Err(StoreError::Conflict)) {
+            self.conflicts.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
     async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
         self.log("touch", &self.fail_writes)?;
         self.inner.touch(key, ttl).await
@@ -105,11 +130,7 @@ impl<S: SessionStore> SessionStore for RecordingStore<S> {
 
     async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
         self.log("delete", &self.fail_writes)?;
-        let fail = self
-            .fail_next_deletes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if fail {
+        if take_one(&self.fail_next_deletes) {
             return Err(StoreError::Backend {
                 operation: "delete",
                 source: "connection reset (injected)".into(),
@@ -118,7 +139,27 @@ impl<S: SessionStore> SessionStore for RecordingStore<S> {
         self.inner.delete(key).await
     }
 
+    async fn delete_if_version(
+        &self,
+        key: &StorageKey,
+        version: Version,
+    ) -> Result<(), StoreError> {
+        self.log("delete_if_version", &self.fail_writes)?;
+        let result = self.inner.delete_if_version(key, version).await;
+        if matches!(result, Err(StoreError::Conflict)) {
+            self.conflicts.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
     fn max_record_size(&self) -> usize {
         self.inner.max_record_size()
     }
+}
+
+/// Takes one from a countdown of injected failures; whether there was one.
+fn take_one(countdown: &AtomicUsize) -> bool {
+    countdown
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }

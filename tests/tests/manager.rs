@@ -204,7 +204,7 @@ async fn key_rotation_accepts_and_resigns_old_cookies_until_the_key_is_removed()
 }
 
 #[tokio::test]
-async fn cycle_id_creates_before_deleting_and_the_old_id_stops_working() {
+async fn cycle_id_creates_then_marks_the_old_entry_moved_and_the_old_id_stops_working() {
     let store = Recording::default();
     let manager = manager(&store);
     let first = logged_in(&manager).await;
@@ -214,7 +214,7 @@ async fn cycle_id_creates_before_deleting_and_the_old_id_stops_working() {
     store.take_calls();
     let outcome = manager.commit(session).await.unwrap();
     assert_eq!(outcome.status, CommitStatus::Cycled);
-    assert_eq!(store.take_calls(), ["load", "create", "delete"]);
+    assert_eq!(store.take_calls(), ["create", "mark_moved"]);
     let second = outcome.cookie.unwrap().value;
     assert_ne!(first[..22], second[..22]);
     assert!(manager.load(Some(&first)).await.unwrap().is_new());
@@ -227,24 +227,28 @@ async fn cycle_id_creates_before_deleting_and_the_old_id_stops_working() {
         session.get::<String>("role").unwrap().as_deref(),
         Some("admin")
     );
-    assert_eq!(store.inner.len(), 1);
+    assert_eq!(
+        store.inner.len(),
+        2,
+        "the new entry and the old one's marker"
+    );
 }
 
 #[tokio::test]
-async fn a_failed_delete_of_the_old_id_fails_the_cycle_and_leaves_no_new_entry() {
+async fn a_failed_mark_of_the_old_id_fails_the_cycle_and_leaves_no_new_entry() {
     let store = Recording::default();
     let manager = manager(&store);
     let cookie = logged_in(&manager).await;
     let mut session = manager.load(Some(&cookie)).await.unwrap();
     session.cycle_id();
-    store.fail_next_deletes.store(1, Ordering::SeqCst);
+    store.fail_next_marks.store(1, Ordering::SeqCst);
     store.take_calls();
     let error = manager.commit(session).await.unwrap_err();
     assert!(
         matches!(error, SessionError::Store(StoreError::Backend { .. })),
         "{error:?}"
     );
-    assert_eq!(store.take_calls(), ["load", "create", "delete", "delete"]);
+    assert_eq!(store.take_calls(), ["create", "mark_moved", "delete"]);
     assert_eq!(store.inner.len(), 1, "the new entry was left behind");
     assert!(!manager.load(Some(&cookie)).await.unwrap().is_new());
 }
@@ -259,7 +263,7 @@ async fn destroy_deletes_and_clears_the_cookie() {
     store.take_calls();
     let outcome = manager.commit(session).await.unwrap();
     assert_eq!(outcome.status, CommitStatus::Destroyed);
-    assert_eq!(store.take_calls(), ["delete"]);
+    assert_eq!(store.take_calls(), ["delete_if_version"]);
     let removal = outcome.cookie.unwrap();
     assert!(removal.is_removal());
     assert!(
@@ -358,7 +362,7 @@ async fn cycling_a_session_ended_meanwhile_does_not_bring_it_back() {
 }
 
 #[tokio::test]
-async fn cycling_keeps_changes_saved_meanwhile_and_a_parallel_request_leaves_the_new_cookie() {
+async fn cycling_keeps_changes_saved_meanwhile_and_a_parallel_request_follows_without_a_cookie() {
     let store = Recording::default();
     let manager = manager(&store);
     let cookie = logged_in(&manager).await;
@@ -370,11 +374,13 @@ async fn cycling_keeps_changes_saved_meanwhile_and_a_parallel_request_leaves_the
     login.insert("role", "admin").unwrap();
     login.cycle_id();
     let new_cookie = manager.commit(login).await.unwrap().cookie.unwrap().value;
-    // A request that started before the login and still carries the old cookie.
+    // A request that loaded the session before the login saves after it: its change follows
+    // the session to the new id, and it leaves the cookie to the login's response.
     parallel.insert("late", &1u8).unwrap();
     let outcome = manager.commit(parallel).await.unwrap();
-    assert_eq!(outcome.status, CommitStatus::Ended);
+    assert_eq!(outcome.status, CommitStatus::Followed);
     assert_eq!(outcome.cookie, None);
+    assert!(!outcome.lost_changes);
     let session = manager.load(Some(&new_cookie)).await.unwrap();
     assert_eq!(
         session.get::<String>("theme").unwrap().as_deref(),
@@ -384,8 +390,19 @@ async fn cycling_keeps_changes_saved_meanwhile_and_a_parallel_request_leaves_the
         session.get::<String>("role").unwrap().as_deref(),
         Some("admin")
     );
-    assert_eq!(session.get::<u8>("late").unwrap(), None);
-    assert!(manager.load(Some(&cookie)).await.unwrap().is_new());
+    assert_eq!(session.get::<u8>("late").unwrap(), Some(1));
+    // A request arriving with the old cookie after the login sees no session, and its
+    // changes are reported lost rather than written into a new anonymous session whose cookie
+    // would replace the login's.
+    let mut late = manager.load(Some(&cookie)).await.unwrap();
+    assert!(late.is_new());
+    late.insert("later", &2u8).unwrap();
+    let lost_before = manager.lost_writes();
+    let outcome = manager.commit(late).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Ended);
+    assert!(outcome.lost_changes);
+    assert_eq!(outcome.cookie, None);
+    assert_eq!(manager.lost_writes(), lost_before + 1);
 }
 
 #[tokio::test]

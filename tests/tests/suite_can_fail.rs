@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use session_conformance::cases;
-use session_core::store::{MAX_TTL, MIN_TTL};
-use session_core::{LoadedRecord, Record, SessionStore, StorageKey, StoreError, Version};
+use session_core::store::{MAX_TTL, MIN_TTL, check_ttl};
+use session_core::{
+    LoadedRecord, Record, SessionStore, StorageKey, StoreError, StoredEntry, Version,
+};
 use session_memory::MemoryStore;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +50,20 @@ enum Defect {
     SaveKeepsExpiry,
     /// `touch` only ever extends the expiry.
     TouchOnlyExtends,
+    /// `mark_moved` ignores the version it is given.
+    MarkIgnoresVersions,
+    /// `mark_moved` deletes the entry instead of leaving a marker.
+    MarkDeletes,
+    /// `mark_moved` keeps markers for an hour whatever the TTL.
+    MarkerIgnoresTtl,
+    /// `touch` counts a marker as a session.
+    TouchCountsMarkers,
+    /// `save` over a marker writes the session again.
+    SaveReplacesMarkers,
+    /// `delete_if_version` ignores the version it is given.
+    VersionedDeleteIgnoresVersions,
+    /// `delete_if_version` reports success and removes nothing.
+    VersionedDeleteIsNoop,
 }
 
 #[derive(Clone)]
@@ -120,17 +136,17 @@ impl SessionStore for Faulty {
             .await
     }
 
-    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
-        let mut loaded = self.inner.load(key).await?;
+    async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
+        let mut loaded = self.inner.load_entry(key).await?;
         if self.defect == Defect::LoadInventsEntries && loaded.is_none() {
-            loaded = Some(LoadedRecord {
+            loaded = Some(StoredEntry::Session(LoadedRecord {
                 record: Record::new(std::time::SystemTime::now()),
                 version: Version::new(1),
                 expires_in: None,
-            });
+            }));
         }
         if self.defect == Defect::FixedVersion
-            && let Some(loaded) = &mut loaded
+            && let Some(StoredEntry::Session(loaded)) = &mut loaded
         {
             loaded.version = Version::new(7);
         }
@@ -159,6 +175,15 @@ impl SessionStore for Faulty {
                 Some(current) => self.inner.save(key, &record, ttl, current.version).await,
                 None => Err(StoreError::NotFound),
             },
+            Defect::SaveReplacesMarkers
+                if matches!(
+                    self.inner.load_entry(key).await?,
+                    Some(StoredEntry::Moved { .. })
+                ) =>
+            {
+                self.inner.delete(key).await?;
+                self.inner.create(key, &record, ttl).await
+            }
             Defect::SaveKeepsExpiry => {
                 let left = self.inner.load(key).await?.and_then(|l| l.expires_in);
                 let ttl = left.map_or(ttl, |left| left.max(MIN_TTL));
@@ -193,7 +218,37 @@ impl SessionStore for Faulty {
                     .touch(key, left.map_or(ttl, |left| left.max(ttl)))
                     .await
             }
+            Defect::TouchCountsMarkers => Ok(self.inner.touch(key, ttl).await?
+                || matches!(
+                    self.inner.load_entry(key).await?,
+                    Some(StoredEntry::Moved { .. })
+                )),
             _ => self.inner.touch(key, ttl).await,
+        }
+    }
+
+    async fn mark_moved(
+        &self,
+        key: &StorageKey,
+        version: Version,
+        to: &StorageKey,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        match self.defect {
+            Defect::MarkIgnoresVersions => match self.inner.load(key).await? {
+                Some(current) => self.inner.mark_moved(key, current.version, to, ttl).await,
+                None => Err(StoreError::NotFound),
+            },
+            Defect::MarkDeletes => match self.inner.load(key).await? {
+                Some(_) => self.inner.delete(key).await,
+                None => Err(StoreError::NotFound),
+            },
+            Defect::MarkerIgnoresTtl => {
+                check_ttl(ttl)?;
+                let hour = Duration::from_secs(3600);
+                self.inner.mark_moved(key, version, to, hour).await
+            }
+            _ => self.inner.mark_moved(key, version, to, ttl).await,
         }
     }
 
@@ -204,6 +259,21 @@ impl SessionStore for Faulty {
                 Err(StoreError::NotFound)
             }
             _ => self.inner.delete(key).await,
+        }
+    }
+
+    async fn delete_if_version(
+        &self,
+        key: &StorageKey,
+        version: Version,
+    ) -> Result<(), StoreError> {
+        match self.defect {
+            Defect::VersionedDeleteIgnoresVersions => match self.inner.load(key).await? {
+                Some(_) => self.inner.delete(key).await,
+                None => Err(StoreError::NotFound),
+            },
+            Defect::VersionedDeleteIsNoop => Ok(()),
+            _ => self.inner.delete_if_version(key, version).await,
         }
     }
 
@@ -257,10 +327,27 @@ catches! {
     invented_entries: LoadInventsEntries by load_of_missing_key_is_none;
     deletes_ignored: DeleteIsNoop by
         delete_is_idempotent, save_after_delete_is_not_found_and_recreates_nothing,
-        manager_request_flow, model_based_operations;
+        model_based_operations;
     missing_delete_fails: DeleteMissingFails by delete_is_idempotent;
     ttl_clamped: ClampsTtl by ttl_outside_the_contract_range_is_rejected;
     capacity_too_small: SmallCapacity by thousands_of_sessions;
     save_ignoring_ttl: SaveKeepsExpiry by save_and_touch_set_the_ttl;
     touch_never_shortening: TouchOnlyExtends by save_and_touch_set_the_ttl;
+    marks_ignoring_versions: MarkIgnoresVersions by
+        mark_moved_is_conditional, concurrent_saves_and_marks_have_one_winner,
+        model_based_operations;
+    marks_deleting: MarkDeletes by
+        mark_moved_leaves_a_marker_that_is_no_session, moved_marker_expires_after_its_ttl,
+        model_based_operations;
+    markers_outliving_their_ttl: MarkerIgnoresTtl by moved_marker_expires_after_its_ttl;
+    touch_counting_markers: TouchCountsMarkers by
+        mark_moved_leaves_a_marker_that_is_no_session, model_based_operations;
+    saves_replacing_markers: SaveReplacesMarkers by
+        mark_moved_leaves_a_marker_that_is_no_session, model_based_operations;
+    versioned_deletes_ignoring_versions: VersionedDeleteIgnoresVersions by
+        delete_if_version_is_conditional, model_based_operations;
+    versioned_deletes_doing_nothing: VersionedDeleteIsNoop by
+        delete_if_version_is_conditional, model_based_operations, manager_request_flow;
+    updates_lost_to_ignored_versions: IgnoresVersions by
+        manager_concurrent_updates_count_every_one;
 }
