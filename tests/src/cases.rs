@@ -850,6 +850,30 @@ pub async fn manager_concurrent_updates_count_every_one<S: SessionStore + Clone 
     );
 }
 
+/// Through the manager on this store: every interleaving of two concurrent requests on one
+/// session (reads, inserts, same-key inserts, updates, id cycles, destroys, touches), and 300
+/// seeded three-request interleavings, keep every invariant of [`crate::interleave`].
+pub async fn manager_interleavings_keep_every_invariant<S: SessionStore + Clone + 'static>(
+    store: S,
+) {
+    use crate::interleave::{Exploration, Harness, Report, all_pairs};
+    let harness = Harness::new(store, Exploration::default());
+    let mut report = Report::default();
+    for pair in all_pairs() {
+        harness.explore_all(&pair, &mut report).await;
+        report.assert_clean();
+    }
+    let pairs = report.schedules;
+    harness
+        .explore_random(3, 300, 0x5e55_10f5, &mut report)
+        .await;
+    report.assert_clean();
+    println!(
+        "checked {pairs} two-request and {} three-request interleavings",
+        report.schedules - pairs
+    );
+}
+
 /// The manager's whole flow on this store: create, load, change, cycle, destroy.
 pub async fn manager_request_flow<S: SessionStore + Clone + 'static>(store: S) {
     let manager = test_manager(store);

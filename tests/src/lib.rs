@@ -23,6 +23,7 @@ use session_core::{KeyPrefix, SessionId, SessionStore, StorageKey};
 pub mod cases;
 pub mod faults;
 pub mod harness;
+pub mod interleave;
 pub mod model;
 pub mod recording;
 
@@ -73,6 +74,7 @@ macro_rules! conformance_suite {
             model_based_operations,
             manager_concurrent_commits_lose_no_update,
             manager_concurrent_updates_count_every_one,
+            manager_interleavings_keep_every_invariant,
             manager_request_flow
         );
     };
