@@ -28,7 +28,7 @@ use session_core::{
 use session_memcached::MemcachedStore;
 use session_memory::MemoryStore;
 use session_redis::RedisStore;
-use session_tower::{Session, SessionFailure, SessionLayer};
+use session_tower::{LostWrites, Session, SessionFailure, SessionLayer};
 
 /// Builds the store a `SESSION_STORE_URL` names.
 async fn store_from_url(url: &str) -> Result<Arc<dyn SessionStore>, Box<dyn Error>> {
@@ -60,14 +60,16 @@ fn signing_key() -> Result<SigningKey, Box<dyn Error>> {
     }
 }
 
-/// The demo's router over `manager`.
+/// The demo's router over `manager`. A request whose session changes could not be written
+/// (its session was logged out or moved by a concurrent request) answers 409 Conflict, the
+/// layer's default, instead of pretending it worked.
 fn app(manager: SessionManager) -> Router {
     Router::new()
         .route("/", get(home))
         .route("/login", get(login_form).post(login))
         .route("/private", get(private))
         .route("/logout", axum::routing::post(logout))
-        .layer(SessionLayer::new(manager))
+        .layer(SessionLayer::new(manager).lost_writes(LostWrites::Respond(StatusCode::CONFLICT)))
         .layer(axum::middleware::map_response(no_store))
 }
 
@@ -103,8 +105,10 @@ fn page(title: &str, body: &str) -> Html<String> {
 }
 
 async fn home(session: Session) -> Result<Html<String>, SessionFailure> {
-    let visits: u64 = session.get("visits").await?.unwrap_or(0) + 1;
-    session.insert("visits", &visits).await?;
+    // An update, not get + insert: if the browser loads two pages at once, both visits count.
+    let visits = session
+        .update("visits", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await?;
     let user: Option<String> = session.get("user").await?;
     let who = match user {
         Some(user) => format!("<p id=\"user\">{}</p>", escape(&user)),

@@ -27,8 +27,8 @@ pub async fn count_visit<'a>(
         .collect();
     let cookie = manager.first_valid_cookie(candidates.iter().copied());
     let mut session = manager.load(cookie).await?;
-    let visits: u64 = session.get("visits")?.unwrap_or(0) + 1;
-    session.insert("visits", &visits)?;
+    // An update rather than get + insert: concurrent requests of one browser both count.
+    let visits = session.update("visits", |n: Option<u64>| n.unwrap_or(0) + 1)?;
     let outcome = manager.commit(session).await?;
     Ok((visits, outcome.cookie.map(|c| c.to_header_value())))
 }

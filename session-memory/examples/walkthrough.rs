@@ -47,9 +47,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
     );
     show("", &manager.commit(session).await?);
 
-    // 4. Change: add a value; the commit saves against the loaded version.
+    // 4. Change: count a visit; the commit saves against the loaded version (and on a
+    //    conflict runs the update again on the newer value).
     let mut session = manager.load(Some(&cookie)).await?;
-    session.insert("visits", &2u32)?;
+    session.update("visits", |n: Option<u32>| n.unwrap_or(1) + 1)?;
     show("change", &manager.commit(session).await?);
 
     // 5. Cycle: after login the id changes; the old cookie stops working.
@@ -86,7 +87,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "",
         after.is_new()
     );
-    println!("{:<10} sessions stored: {}", "", store.len());
+    println!(
+        "{:<10} entries stored: {} (the marker the id cycle left under the old id, gone \
+         within a minute)",
+        "",
+        store.len()
+    );
 
     // 7. A tampered cookie is just a fresh session, with no store call.
     let mut tampered = new_cookie.clone();

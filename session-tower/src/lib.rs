@@ -4,11 +4,13 @@
 //! [`Session`] handle into the request's extensions; nothing is loaded until a handler touches
 //! the handle, so a request that never uses its session makes no store call. After the inner
 //! service has answered, the layer commits the session through the
-//! [`SessionManager`] and writes the `Set-Cookie` header from the manager's cookie directive.
-//! A store failure, while committing or in a handler through [`SessionFailure`], turns the
-//! response into a 500 (configurable); an invalid cookie is simply a fresh session. The commit
-//! runs as a task of its own, so that a client hanging up cannot cut it short: the layer needs
-//! a tokio runtime.
+//! [`SessionManager`] and writes the `Set-Cookie` header from the manager's cookie directive
+//! (only when the cookie changes), and puts the [`CommitOutcome`] in the response's extensions
+//! for outer layers to see. A store failure, while committing or in a handler through
+//! [`SessionFailure`], turns the response into a 500 (configurable); changes that could not be
+//! written because the session ended meanwhile turn it into a 409 (configurable, see
+//! [`LostWrites`]); an invalid cookie is simply a fresh session. The commit runs as a task of its
+//! own, so that a client hanging up cannot cut it short: the layer needs a tokio runtime.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -18,8 +20,8 @@
 //! use session_tower::{Session, SessionFailure, SessionLayer};
 //!
 //! async fn visits(session: Session) -> Result<String, SessionFailure> {
-//!     let visits: u32 = session.get("visits").await?.unwrap_or(0) + 1;
-//!     session.insert("visits", &visits).await?;
+//!     // Counted by an update, which concurrent requests of one browser never lose.
+//!     let visits = session.update("visits", |n: Option<u32>| n.unwrap_or(0) + 1).await?;
 //!     Ok(format!("visit number {visits}"))
 //! }
 //!
@@ -45,7 +47,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use session_core::{CookieDirective, SessionError, SessionManager, find_cookies};
+use session_core::{CommitOutcome, SessionError, SessionManager, find_cookies};
 use tokio::sync::Mutex;
 
 /// Where the request's session is in its life.
@@ -117,6 +119,25 @@ impl Session {
         self.with(|session| session.get(name)).await?
     }
 
+    /// Sets the value named `name` to what `f` computes from its current value, and returns
+    /// the new value; `f` runs again on the newer value if a concurrent request saved the
+    /// session first, so no change is lost (see
+    /// [`session_core::Session::update`]).
+    ///
+    /// ```
+    /// # async fn handler(session: session_tower::Session) -> Result<String, session_tower::SessionFailure> {
+    /// let visits = session.update("visits", |n: Option<u32>| n.unwrap_or(0) + 1).await?;
+    /// Ok(format!("visit number {visits}"))
+    /// # }
+    /// ```
+    pub async fn update<T, F>(&self, name: &str, f: F) -> Result<T, SessionError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(Option<T>) -> T + Send + 'static,
+    {
+        self.with(|session| session.update(name, f)).await?
+    }
+
     /// Sets the value named `name`.
     pub async fn insert<T: Serialize + ?Sized>(
         &self,
@@ -152,12 +173,12 @@ impl Session {
     }
 
     /// Commits the session if a handler used it; `None` when it was never loaded.
-    async fn commit(&self) -> Result<Option<CookieDirective>, SessionError> {
+    async fn commit(&self) -> Result<Option<CommitOutcome>, SessionError> {
         let taken = std::mem::replace(&mut *self.shared.slot.lock().await, Slot::Committed);
         let Slot::Loaded(session) = taken else {
             return Ok(None);
         };
-        Ok(self.shared.manager.commit(session).await?.cookie)
+        self.shared.manager.commit(session).await.map(Some)
     }
 }
 
@@ -224,19 +245,44 @@ impl<S: Send + Sync> FromRequestParts<S> for Session {
     }
 }
 
+/// What the layer does with the response of a request whose session changes were not
+/// written: the session ended while the request ran (a concurrent logout, an expiry, or a
+/// login that moved it first, see [`CommitOutcome::lost_changes`]), or a concurrent request
+/// changed the same value under
+/// [`SameKeyConflict::Fail`](session_core::SameKeyConflict::Fail)
+/// ([`SessionError::ConcurrentModification`]). Either way it is logged at `warn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LostWrites {
+    /// Keep the handler's response.
+    Ignore,
+    /// Replace it with an empty response of this status. The default is
+    /// `Respond(StatusCode::CONFLICT)`: the handler's success must not stand for a change that
+    /// was not made.
+    Respond(StatusCode),
+}
+
+impl Default for LostWrites {
+    fn default() -> Self {
+        Self::Respond(StatusCode::CONFLICT)
+    }
+}
+
 /// Adds sessions to a service. See the [crate documentation](crate).
 #[derive(Clone, Debug)]
 pub struct SessionLayer {
     manager: SessionManager,
     failure_status: StatusCode,
+    lost_writes: LostWrites,
 }
 
 impl SessionLayer {
-    /// A layer over `manager`; a failed commit answers 500.
+    /// A layer over `manager`; a failed commit answers 500, lost changes 409.
     pub fn new(manager: SessionManager) -> Self {
         Self {
             manager,
             failure_status: StatusCode::INTERNAL_SERVER_ERROR,
+            lost_writes: LostWrites::default(),
         }
     }
 
@@ -244,6 +290,13 @@ impl SessionLayer {
     /// 503 Service Unavailable).
     pub fn failure_status(mut self, status: StatusCode) -> Self {
         self.failure_status = status;
+        self
+    }
+
+    /// What to do when a request's session changes were not written (default: answer 409
+    /// Conflict); see [`LostWrites`].
+    pub fn lost_writes(mut self, policy: LostWrites) -> Self {
+        self.lost_writes = policy;
         self
     }
 }
@@ -283,6 +336,14 @@ fn request_cookie(headers: &HeaderMap, manager: &SessionManager) -> Option<Strin
         .map(str::to_owned)
 }
 
+/// The status a lost write is answered with, if any.
+fn lost_write_status(policy: LostWrites) -> Option<StatusCode> {
+    match policy {
+        LostWrites::Ignore => None,
+        LostWrites::Respond(status) => Some(status),
+    }
+}
+
 /// A response with the layer's failure status and an empty body.
 fn failure_response<B: Default>(status: StatusCode) -> http::Response<B> {
     let mut failed = http::Response::new(B::default());
@@ -316,7 +377,7 @@ where
         // The clone that was made ready by poll_ready is the one to call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let failure_status = self.layer.failure_status;
+        let (failure_status, lost_writes) = (self.layer.failure_status, self.layer.lost_writes);
         Box::pin(async move {
             let mut response = inner.call(request).await?;
             if response.extensions().get::<FailureMarker>().is_some() {
@@ -325,31 +386,50 @@ where
             // The commit runs as its own task, so that a client hanging up (which drops this
             // future) cannot stop a logout's delete or an id cycle half-way.
             let commit = tokio::spawn(async move { session.commit().await });
-            let failed = match commit.await {
-                Ok(Ok(Some(directive))) => {
-                    match HeaderValue::from_str(&directive.to_header_value()) {
-                        Ok(value) => {
+            let replace_with = match commit.await {
+                Ok(Ok(Some(outcome))) => {
+                    let cookie = outcome
+                        .cookie
+                        .as_ref()
+                        .map(|directive| HeaderValue::from_str(&directive.to_header_value()));
+                    let lost = outcome.lost_changes;
+                    response.extensions_mut().insert(outcome);
+                    match cookie {
+                        Some(Ok(value)) => {
                             response.headers_mut().append(SET_COOKIE, value);
-                            false
+                            None
                         }
-                        Err(_) => {
+                        Some(Err(_)) => {
                             tracing::error!("the session cookie is not a valid header value");
-                            true
+                            Some(failure_status)
                         }
+                        None if lost => lost_write_status(lost_writes),
+                        None => None,
                     }
                 }
-                Ok(Ok(None)) => false,
+                Ok(Ok(None)) => None,
+                Ok(Err(SessionError::ConcurrentModification { name })) => {
+                    tracing::warn!(
+                        name,
+                        "a concurrent request changed the same session value; nothing was written"
+                    );
+                    lost_write_status(lost_writes)
+                }
                 Ok(Err(error)) => {
                     tracing::error!(%error, source = ?std::error::Error::source(&error), "committing the session failed");
-                    true
+                    Some(failure_status)
                 }
                 Err(join_error) => {
                     tracing::error!(%join_error, "the session commit task failed");
-                    true
+                    Some(failure_status)
                 }
             };
-            if failed {
-                response = failure_response(failure_status);
+            if let Some(status) = replace_with {
+                let outcome = response.extensions_mut().remove::<CommitOutcome>();
+                response = failure_response(status);
+                if let Some(outcome) = outcome {
+                    response.extensions_mut().insert(outcome);
+                }
             }
             Ok(response)
         })

@@ -9,9 +9,13 @@ use axum::routing::get;
 use http::header::{COOKIE, SET_COOKIE};
 use http::{Request, Response, StatusCode};
 use session_conformance::recording::RecordingStore;
-use session_core::{KeyRing, SessionConfig, SessionManager, SigningKey};
+use session_core::{
+    CommitOutcome, CommitStatus, KeyRing, SameKeyConflict, SessionConfig, SessionManager,
+    SigningKey,
+};
 use session_memory::MemoryStore;
-use session_tower::{Session, SessionFailure, SessionLayer};
+use session_tower::{LostWrites, Session, SessionFailure, SessionLayer};
+use tokio::sync::Notify;
 use tower::ServiceExt;
 
 type Store = RecordingStore<MemoryStore>;
@@ -21,9 +25,51 @@ fn app(store: &Store) -> Router {
 }
 
 fn app_with(store: &Store, configure: impl FnOnce(SessionLayer) -> SessionLayer) -> Router {
+    app_full(store, SessionConfig::new, configure, Gate::default())
+}
+
+/// Two signals for a handler that must stop half-way: it says when it has changed the session
+/// (`ready`), then waits for `go` before it answers.
+#[derive(Clone, Default)]
+struct Gate {
+    ready: Arc<Notify>,
+    go: Arc<Notify>,
+}
+
+fn app_full(
+    store: &Store,
+    config: impl FnOnce(KeyRing) -> SessionConfig,
+    configure: impl FnOnce(SessionLayer) -> SessionLayer,
+    gate: Gate,
+) -> Router {
     let keys = KeyRing::single(SigningKey::new([4u8; 32]).unwrap());
-    let manager = SessionManager::new(Arc::new(store.clone()), SessionConfig::new(keys)).unwrap();
+    let manager = SessionManager::new(Arc::new(store.clone()), config(keys)).unwrap();
     Router::new()
+        .route(
+            "/gated/{key}/{value}",
+            get(
+                move |session: Session,
+                      axum::extract::Path((key, value)): axum::extract::Path<(String, String)>| {
+                    let gate = gate.clone();
+                    async move {
+                        session.insert(&key, &value).await?;
+                        gate.ready.notify_one();
+                        gate.go.notified().await;
+                        Ok::<_, SessionFailure>("set after waiting")
+                    }
+                },
+            ),
+        )
+        .route(
+            "/count",
+            get(|session: Session| async move {
+                let n = session
+                    .update("count", |n: Option<u32>| n.unwrap_or(0) + 1)
+                    .await?;
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                Ok::<_, SessionFailure>(n.to_string())
+            }),
+        )
         .route("/untouched", get(|| async { "no session here" }))
         .route(
             "/set/{key}/{value}",
@@ -303,4 +349,115 @@ async fn a_session_extractor_without_the_layer_is_a_server_error() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_through_the_extractor_count_every_request() {
+    let store = Store::default();
+    let app = app(&store);
+    let cookie = set_cookie(&send(&app, "/set/start/1", None).await).unwrap();
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (app, cookie) = (app.clone(), cookie.clone());
+        requests.spawn(async move {
+            for _ in 0..5 {
+                let response = send(&app, "/count", Some(&cookie)).await;
+                assert_eq!(response.status(), StatusCode::OK);
+            }
+        });
+    }
+    while let Some(done) = requests.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(body(send(&app, "/count", Some(&cookie)).await).await, "81");
+    assert!(store.conflicts() > 0, "the requests did not overlap");
+}
+
+#[tokio::test]
+async fn ordinary_saves_send_no_cookie_and_the_outcome_is_in_the_extensions() {
+    let store = Store::default();
+    let app = app(&store);
+    let created = send(&app, "/set/a/1", None).await;
+    let outcome = created.extensions().get::<CommitOutcome>().unwrap();
+    assert_eq!(outcome.status, CommitStatus::Created);
+    let cookie = set_cookie(&created).unwrap();
+    let saved = send(&app, "/set/a/2", Some(&cookie)).await;
+    assert_eq!(saved.status(), StatusCode::OK);
+    assert_eq!(
+        saved.extensions().get::<CommitOutcome>().unwrap().status,
+        CommitStatus::Saved
+    );
+    assert!(
+        saved.headers().get(SET_COOKIE).is_none(),
+        "a save that changes neither the id nor the expiry must not set the cookie again"
+    );
+    assert_eq!(body(send(&app, "/get/a", Some(&cookie)).await).await, "2");
+}
+
+/// Runs a request that changes the session and stops half-way, ends the session with a logout
+/// meanwhile, then lets the first request finish; returns its response.
+async fn change_while_logged_out(app: &Router, gate: &Gate, cookie: &str) -> Response<Body> {
+    let slow = {
+        let (app, cookie) = (app.clone(), cookie.to_owned());
+        tokio::spawn(async move { send(&app, "/gated/note/kept", Some(&cookie)).await })
+    };
+    gate.ready.notified().await;
+    let logout = send(app, "/logout", Some(cookie)).await;
+    assert_eq!(logout.status(), StatusCode::OK);
+    gate.go.notify_one();
+    slow.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_lost_to_a_concurrent_logout_answer_409_or_as_configured() {
+    let store = Store::default();
+    let gate = Gate::default();
+    let app = app_full(&store, SessionConfig::new, |layer| layer, gate.clone());
+    let cookie = set_cookie(&send(&app, "/set/a/1", None).await).unwrap();
+    let response = change_while_logged_out(&app, &gate, &cookie).await;
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    assert!(response.headers().get(SET_COOKIE).is_none());
+    let outcome = response.extensions().get::<CommitOutcome>().unwrap();
+    assert!(outcome.lost_changes && outcome.status == CommitStatus::Ended);
+
+    let ignoring = app_full(
+        &store,
+        SessionConfig::new,
+        |layer| layer.lost_writes(LostWrites::Ignore),
+        gate.clone(),
+    );
+    let cookie = set_cookie(&send(&ignoring, "/set/a/1", None).await).unwrap();
+    let response = change_while_logged_out(&ignoring, &gate, &cookie).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response
+            .extensions()
+            .get::<CommitOutcome>()
+            .unwrap()
+            .lost_changes
+    );
+    assert_eq!(body(response).await, "set after waiting");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_key_conflict_under_the_fail_policy_answers_409_and_writes_nothing() {
+    let store = Store::default();
+    let gate = Gate::default();
+    let failing = |keys| SessionConfig::new(keys).same_key_conflicts(SameKeyConflict::Fail);
+    let app = app_full(&store, failing, |layer| layer, gate.clone());
+    let cookie = set_cookie(&send(&app, "/set/note/first", None).await).unwrap();
+    let slow = {
+        let (app, cookie) = (app.clone(), cookie.clone());
+        tokio::spawn(async move { send(&app, "/gated/note/slow", Some(&cookie)).await })
+    };
+    gate.ready.notified().await;
+    let fast = send(&app, "/set/note/fast", Some(&cookie)).await;
+    assert_eq!(fast.status(), StatusCode::OK);
+    gate.go.notify_one();
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        body(send(&app, "/get/note", Some(&cookie)).await).await,
+        "fast"
+    );
 }
