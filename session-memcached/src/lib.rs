@@ -273,11 +273,14 @@ impl SessionStore for MemcachedStore {
             .cas
             .ok_or_else(|| unexpected("load", "no CAS value in the reply".into()))?;
         let version = checked_cas("load", cas)?;
+        // Without the second every write adds for the coarse clock (see `wire_ttl`), so that a
+        // save with the time reported left keeps the expiry where it is instead of moving it a
+        // second later each time.
         let expires_in = result
             .item
             .ttl
             .and_then(|secs| u64::try_from(secs).ok())
-            .map(Duration::from_secs);
+            .map(|secs| Duration::from_secs(secs.saturating_sub(1)));
         StoredEntry::decode(&bytes, version, expires_in).map(Some)
     }
 

@@ -471,6 +471,41 @@ pub async fn binary_safe_values<S: SessionStore + Clone + 'static>(store: S) {
     assert_eq!(store.load(&key).await.unwrap().unwrap().record, record);
 }
 
+/// A save whose TTL is the time a load reported left keeps the expiry where it was (within the
+/// two seconds of rounding the contract allows), however often it is repeated. The manager saves
+/// this way until a session is due for a touch; an expiry that crept forward with every save
+/// would put off the touch, and the cookie refresh with it, past the cookie's own expiry.
+pub async fn saves_with_the_reported_ttl_keep_the_expiry<S: SessionStore + Clone + 'static>(
+    store: S,
+) {
+    let key = new_key();
+    store
+        .create(&key, &record_with("n", b"0"), 10 * MINUTE)
+        .await
+        .unwrap();
+    let Some(first) = store.load(&key).await.unwrap().unwrap().expires_in else {
+        return; // The backend cannot tell the time left; the manager then always extends.
+    };
+    for round in 0..20u8 {
+        let loaded = store.load(&key).await.unwrap().unwrap();
+        let left = loaded.expires_in.expect("reported before");
+        store
+            .save(
+                &key,
+                &record_with("n", &[round]),
+                left.max(MIN_TTL),
+                loaded.version,
+            )
+            .await
+            .unwrap();
+    }
+    let last = store.load(&key).await.unwrap().unwrap().expires_in.unwrap();
+    assert!(
+        last <= first + 2 * MIN_TTL,
+        "20 saves with the reported TTL pushed the expiry from {first:?} to {last:?}"
+    );
+}
+
 /// Five thousand sessions, created by many tasks at once, all load back with their own data.
 pub async fn thousands_of_sessions<S: SessionStore + Clone + 'static>(store: S) {
     const TASKS: usize = 50;
@@ -872,6 +907,55 @@ pub async fn manager_interleavings_keep_every_invariant<S: SessionStore + Clone 
         "checked {pairs} two-request and {} three-request interleavings",
         report.schedules - pairs
     );
+}
+
+/// Through the manager with a 3-second idle timeout: a browser that sends a request every 200
+/// ms for 6 seconds, every other one a save, and that drops its cookie when the cookie's
+/// `Max-Age` runs out (as browsers do), stays in its session all along. The session is
+/// refreshed (a touch or an extending save, with a new `Max-Age`) before the cookie runs out,
+/// however many saves that keep the expiry come in between.
+pub async fn manager_active_sessions_keep_a_live_cookie<S: SessionStore + Clone + 'static>(
+    store: S,
+) {
+    use std::time::Instant;
+    let keys = KeyRing::single(SigningKey::generate().unwrap());
+    let config = SessionConfig::new(keys)
+        .idle_timeout(Duration::from_secs(3))
+        .touch_threshold(Duration::from_secs(2));
+    let manager = SessionManager::new(Arc::new(store), config).unwrap();
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("n", &0u32).unwrap();
+    let created = manager.commit(session).await.unwrap().cookie.unwrap();
+    let mut cookie = created.value;
+    let mut cookie_expires = Instant::now() + created.max_age.unwrap();
+    let mut refreshes = 0;
+    let start = Instant::now();
+    let mut round = 0u32;
+    while start.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        round += 1;
+        assert!(
+            Instant::now() < cookie_expires,
+            "the browser dropped its cookie after {:?} of activity",
+            start.elapsed()
+        );
+        let mut session = manager.load(Some(&cookie)).await.unwrap();
+        assert!(
+            !session.is_new(),
+            "the session ended after {:?} of activity",
+            start.elapsed()
+        );
+        if round % 2 == 0 {
+            session.insert("n", &round).unwrap();
+        }
+        let outcome = manager.commit(session).await.unwrap();
+        if let Some(directive) = outcome.cookie {
+            cookie = directive.value;
+            cookie_expires = Instant::now() + directive.max_age.unwrap();
+            refreshes += 1;
+        }
+    }
+    assert!(refreshes > 0, "the cookie was never refreshed");
 }
 
 /// The manager's whole flow on this store: create, load, change, cycle, destroy.

@@ -61,6 +61,7 @@ macro_rules! conformance_suite {
             long_timeouts_are_honored,
             ttl_outside_the_contract_range_is_rejected,
             save_and_touch_set_the_ttl,
+            saves_with_the_reported_ttl_keep_the_expiry,
             record_at_the_size_limit_works_and_over_it_is_rejected,
             binary_safe_values,
             thousands_of_sessions,
@@ -75,6 +76,7 @@ macro_rules! conformance_suite {
             manager_concurrent_commits_lose_no_update,
             manager_concurrent_updates_count_every_one,
             manager_interleavings_keep_every_invariant,
+            manager_active_sessions_keep_a_live_cookie,
             manager_request_flow
         );
     };

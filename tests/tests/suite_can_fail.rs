@@ -50,6 +50,8 @@ enum Defect {
     SaveKeepsExpiry,
     /// `touch` only ever extends the expiry.
     TouchOnlyExtends,
+    /// `save` keeps entries a second longer than asked, each time.
+    SaveAddsASecond,
     /// `mark_moved` ignores the version it is given.
     MarkIgnoresVersions,
     /// `mark_moved` deletes the entry instead of leaving a marker.
@@ -183,6 +185,10 @@ impl SessionStore for Faulty {
             {
                 self.inner.delete(key).await?;
                 self.inner.create(key, &record, ttl).await
+            }
+            Defect::SaveAddsASecond => {
+                let ttl = ttl + Duration::from_secs(1);
+                self.inner.save(key, &record, ttl, version).await
             }
             Defect::SaveKeepsExpiry => {
                 let left = self.inner.load(key).await?.and_then(|l| l.expires_in);
@@ -350,4 +356,6 @@ catches! {
         delete_if_version_is_conditional, model_based_operations, manager_request_flow;
     updates_lost_to_ignored_versions: IgnoresVersions by
         manager_concurrent_updates_count_every_one;
+    expiry_creeping_with_saves: SaveAddsASecond by
+        saves_with_the_reported_ttl_keep_the_expiry, manager_active_sessions_keep_a_live_cookie;
 }
