@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -46,6 +47,17 @@ pub(crate) struct StoredSession {
 /// new value out.
 type UpdateFn = Box<dyn FnMut(Option<&[u8]>) -> Result<Vec<u8>, SessionError> + Send>;
 
+/// An update closure held so that [`Session`] stays `Sync` without asking closures to be: it
+/// is only ever called through `&mut`, so the lock is never contended (nor even taken).
+struct HeldUpdate(Mutex<UpdateFn>);
+
+impl HeldUpdate {
+    fn call(&mut self, old: Option<&[u8]>) -> Result<Vec<u8>, SessionError> {
+        let update = self.0.get_mut().unwrap_or_else(PoisonError::into_inner);
+        update(old)
+    }
+}
+
 /// What this request did to one value.
 struct KeyChange {
     /// The value as this request first saw it, before its first change (`None`: absent).
@@ -54,7 +66,7 @@ struct KeyChange {
     assigned: Option<Option<Vec<u8>>>,
     /// `update` closures applied after the assignment, or to the stored value when nothing
     /// was assigned, in order.
-    updates: Vec<UpdateFn>,
+    updates: Vec<HeldUpdate>,
 }
 
 /// A session during one request: typed values, with every change recorded per value so that
@@ -169,8 +181,8 @@ impl Session {
         T: Serialize + DeserializeOwned,
         F: FnMut(Option<T>) -> T + Send + 'static,
     {
-        let mut update = erase_update(name, f);
-        let bytes = update(self.record.value(name))?;
+        let mut update = HeldUpdate(Mutex::new(erase_update(name, f)));
+        let bytes = update.call(self.record.value(name))?;
         let value = decode_named(name, &bytes)?;
         // A no-op on a value this request has not changed can be dropped (the request then
         // reads as if it ran before any concurrent one); after a change it must be re-run.
@@ -294,7 +306,7 @@ impl Session {
                 None => theirs.clone(),
             };
             for update in &mut change.updates {
-                value = Some(update(value.as_deref())?);
+                value = Some(update.call(value.as_deref())?);
             }
             let same_key_conflict =
                 change.assigned.is_some() && theirs != change.seen && theirs != value;
@@ -494,6 +506,16 @@ mod tests {
             s.replay_onto(&mut newer, LWW),
             Err(SessionError::DecodeValue { .. })
         ));
+    }
+
+    #[test]
+    fn sessions_stay_send_and_sync_with_updates_held() {
+        fn send_and_sync<T: Send + Sync>(_: &T) {}
+        let mut s = fresh();
+        let not_sync = std::cell::Cell::new(1u32);
+        s.update("n", move |n: Option<u32>| n.unwrap_or(not_sync.get()))
+            .unwrap();
+        send_and_sync(&s);
     }
 
     #[test]
