@@ -38,7 +38,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use session_core::codec::{encode_moved, encode_record_within, is_moved_marker};
 use session_core::store::check_ttl;
-use session_core::{Record, SessionStore, StorageKey, StoreError, StoredEntry, Version};
+use session_core::{
+    LoadedRecord, Record, SessionStore, StorageKey, StoreError, StoredEntry, Version,
+};
 
 /// The smallest share of `max_sessions` a default-sized shard gets.
 const MIN_SHARD_SHARE: usize = 256;
@@ -209,6 +211,24 @@ impl MemoryStore {
     /// spawned; expired entries are then freed when touched or when a shard fills).
     pub fn has_sweeper(&self) -> bool {
         self.sweeper.thread.is_some()
+    }
+
+    /// The live entry under `key`, decoded.
+    fn entry_now(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
+        let now = Instant::now();
+        let found = self
+            .shard(key)
+            .live(key, now)
+            .map(|entry| (Arc::clone(&entry.bytes), entry.version, entry.expires_at));
+        let Some((bytes, version, expires_at)) = found else {
+            return Ok(None);
+        };
+        StoredEntry::decode(
+            &bytes,
+            Version::new(version),
+            Some(expires_at.saturating_duration_since(now)),
+        )
+        .map(Some)
     }
 
     /// Replaces the live session under `key` with `bytes` if its version is still `version`.
@@ -410,20 +430,12 @@ impl SessionStore for MemoryStore {
     }
 
     async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
-        let now = Instant::now();
-        let found = self
-            .shard(key)
-            .live(key, now)
-            .map(|entry| (Arc::clone(&entry.bytes), entry.version, entry.expires_at));
-        let Some((bytes, version, expires_at)) = found else {
-            return Ok(None);
-        };
-        StoredEntry::decode(
-            &bytes,
-            Version::new(version),
-            Some(expires_at.saturating_duration_since(now)),
-        )
-        .map(Some)
+        self.entry_now(key)
+    }
+
+    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+        // Not the trait's default, which would box a second future around `load_entry`.
+        Ok(self.entry_now(key)?.and_then(StoredEntry::into_session))
     }
 
     async fn save(

@@ -9,7 +9,7 @@ use proptest::test_runner::{Config, TestRunner};
 use session_conformance::recording::RecordingStore;
 use session_core::{
     CommitStatus, CookieConfig, KeyRing, SameSite, SessionConfig, SessionError, SessionManager,
-    SigningKey, StoreError,
+    SessionStore, SigningKey, StoreError,
 };
 use session_memory::MemoryStore;
 
@@ -555,4 +555,69 @@ async fn a_value_of_the_wrong_type_is_a_typed_error() {
     let session = manager.load(Some(&cookie)).await.unwrap();
     let error = session.get::<u64>("user").unwrap_err();
     assert!(matches!(error, SessionError::DecodeValue { ref key, .. } if key == "user"));
+}
+
+#[tokio::test]
+async fn a_logout_with_the_old_cookie_after_a_login_ends_the_session_where_it_moved() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let old = logged_in(&manager).await;
+    let mut login = manager.load(Some(&old)).await.unwrap();
+    login.cycle_id();
+    let new = manager.commit(login).await.unwrap().cookie.unwrap().value;
+    // A logout sent with the old cookie (its tab had not seen the login's response yet).
+    let mut logout = manager.load(Some(&old)).await.unwrap();
+    assert!(logout.is_new(), "the old id must not load the session");
+    logout.destroy();
+    store.take_calls();
+    let outcome = manager.commit(logout).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Destroyed);
+    assert!(outcome.cookie.unwrap().is_removal());
+    assert_eq!(
+        store.take_calls(),
+        ["load", "load", "delete_if_version", "delete"],
+        "read the marker, read where it points, delete that at its version, drop the marker"
+    );
+    assert!(manager.load(Some(&new)).await.unwrap().is_new());
+    assert!(store.inner.is_empty(), "nothing of the session is left");
+}
+
+#[tokio::test]
+async fn saves_push_the_expiry_back_and_refresh_the_cookie_only_when_a_touch_is_due() {
+    let store = Recording::default();
+    let config = SessionConfig::new(KeyRing::single(key(1)))
+        .idle_timeout(Duration::from_secs(600))
+        .touch_threshold(Duration::from_secs(300));
+    let manager = manager_with(&store, config);
+    let cookie = logged_in(&manager).await;
+
+    let mut session = manager.load(Some(&cookie)).await.unwrap();
+    session.insert("a", &1u8).unwrap();
+    let outcome = manager.commit(session).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Saved);
+    assert_eq!(outcome.cookie, None, "not due: no cookie");
+    let left = store.inner.load(&session_key(&cookie)).await;
+    let left = left.unwrap().unwrap().expires_in.unwrap();
+    assert!(left <= Duration::from_secs(600), "{left:?}");
+
+    // Once less than the threshold is left, a save extends the expiry and refreshes Max-Age.
+    let due = SessionConfig::new(KeyRing::single(key(1)))
+        .idle_timeout(Duration::from_secs(900))
+        .touch_threshold(Duration::from_secs(899));
+    let due = manager_with(&store, due);
+    let mut session = due.load(Some(&cookie)).await.unwrap();
+    session.insert("a", &2u8).unwrap();
+    let outcome = due.commit(session).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Saved);
+    let refreshed = outcome.cookie.expect("due: the cookie is refreshed");
+    assert_eq!(refreshed.value, cookie, "same id, same signature");
+    assert_eq!(refreshed.max_age, Some(Duration::from_secs(900)));
+    let left = store.inner.load(&session_key(&cookie)).await;
+    assert!(left.unwrap().unwrap().expires_in.unwrap() > Duration::from_secs(890));
+}
+
+/// The storage key a cookie value names.
+fn session_key(cookie: &str) -> session_core::StorageKey {
+    let verified = KeyRing::single(key(1)).verify("session", cookie).unwrap();
+    session_core::StorageKey::derive(&session_core::KeyPrefix::default(), verified.id())
 }
