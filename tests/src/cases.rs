@@ -945,7 +945,7 @@ pub async fn manager_active_sessions_keep_a_live_cookie<S: SessionStore + Clone 
             "the session ended after {:?} of activity",
             start.elapsed()
         );
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             session.insert("n", &round).unwrap();
         }
         let outcome = manager.commit(session).await.unwrap();
