@@ -7,8 +7,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use session_core::codec::encoded_record_len;
 use session_core::store::{MAX_TTL, MIN_TTL};
 use session_core::{
-    CommitStatus, KeyRing, Record, SessionConfig, SessionManager, SessionStore, SigningKey,
-    StorageKey, StoreError, StoredEntry, Version,
+    CommitStatus, KeyRing, Record, Session, SessionConfig, SessionManager, SessionStore,
+    SigningKey, StorageKey, StoreError, StoredEntry, Version,
 };
 use tokio::task::JoinSet;
 
@@ -79,9 +79,9 @@ pub async fn load_of_missing_key_is_none<S: SessionStore + Clone + 'static>(stor
     assert!(store.load(&new_key()).await.unwrap().is_none());
 }
 
-/// A save with the current version succeeds with a new version; a save with an older one is
-/// `Conflict` and writes nothing.
-pub async fn save_with_stale_version_is_conflict<S: SessionStore + Clone + 'static>(store: S) {
+/// A new key whose session was created with `n` = "1" (version `v1`) and saved with `n` = "2"
+/// (version `v2`).
+async fn saved_once<S: SessionStore>(store: &S) -> (StorageKey, Version, Version) {
     let key = new_key();
     let v1 = store
         .create(&key, &record_with("n", b"1"), MINUTE)
@@ -91,6 +91,13 @@ pub async fn save_with_stale_version_is_conflict<S: SessionStore + Clone + 'stat
         .save(&key, &record_with("n", b"2"), MINUTE, v1)
         .await
         .unwrap();
+    (key, v1, v2)
+}
+
+/// A save with the current version succeeds with a new version; a save with an older one is
+/// `Conflict` and writes nothing.
+pub async fn save_with_stale_version_is_conflict<S: SessionStore + Clone + 'static>(store: S) {
+    let (key, v1, v2) = saved_once(&store).await;
     assert_ne!(v1, v2, "a save must change the version");
     let error = load_err(store.save(&key, &record_with("n", b"3"), MINUTE, v1).await);
     assert!(matches!(error, StoreError::Conflict), "got {error:?}");
@@ -659,15 +666,8 @@ pub async fn mark_moved_leaves_a_marker_that_is_no_session<S: SessionStore + Clo
 /// `mark_moved` applies only at the current version: an older one is `Conflict`, a missing
 /// entry `NotFound`, and neither writes anything.
 pub async fn mark_moved_is_conditional<S: SessionStore + Clone + 'static>(store: S) {
-    let (key, to) = (new_key(), new_key());
-    let v1 = store
-        .create(&key, &record_with("n", b"1"), MINUTE)
-        .await
-        .unwrap();
-    let v2 = store
-        .save(&key, &record_with("n", b"2"), MINUTE, v1)
-        .await
-        .unwrap();
+    let (key, v1, v2) = saved_once(&store).await;
+    let to = new_key();
     let error = load_err(store.mark_moved(&key, v1, &to, MINUTE).await);
     assert!(matches!(error, StoreError::Conflict), "got {error:?}");
     let loaded = store.load(&key).await.unwrap().expect("still a session");
@@ -715,15 +715,7 @@ pub async fn moved_marker_expires_after_its_ttl<S: SessionStore + Clone + 'stati
 /// `delete_if_version` removes the session only at its current version: an older version is
 /// `Conflict` and removes nothing; a missing entry is `NotFound`.
 pub async fn delete_if_version_is_conditional<S: SessionStore + Clone + 'static>(store: S) {
-    let key = new_key();
-    let v1 = store
-        .create(&key, &record_with("n", b"1"), MINUTE)
-        .await
-        .unwrap();
-    let v2 = store
-        .save(&key, &record_with("n", b"2"), MINUTE, v1)
-        .await
-        .unwrap();
+    let (key, v1, v2) = saved_once(&store).await;
     let error = load_err(store.delete_if_version(&key, v1).await);
     assert!(matches!(error, StoreError::Conflict), "got {error:?}");
     assert_eq!(store.load(&key).await.unwrap().unwrap().version, v2);
@@ -795,6 +787,35 @@ fn test_manager<S: SessionStore + 'static>(store: S) -> SessionManager {
     SessionManager::new(Arc::new(store), SessionConfig::new(keys)).unwrap()
 }
 
+/// Runs `tasks` tasks of `rounds` requests each on the session `cookie` names, all at once:
+/// each request loads the session, makes `change(session, task, round)`, yields (so requests
+/// interleave) and commits, which must save.
+async fn concurrent_requests(
+    manager: &SessionManager,
+    cookie: &str,
+    tasks: u32,
+    rounds: u32,
+    change: fn(&mut Session, u32, u32),
+) {
+    let mut running = JoinSet::new();
+    for task in 0..tasks {
+        let (manager, cookie) = (manager.clone(), cookie.to_owned());
+        running.spawn(async move {
+            for round in 1..=rounds {
+                let mut session = manager.load(Some(&cookie)).await.unwrap();
+                assert!(!session.is_new(), "the session vanished");
+                change(&mut session, task, round);
+                tokio::task::yield_now().await;
+                let outcome = manager.commit(session).await.unwrap();
+                assert_eq!(outcome.status, CommitStatus::Saved);
+            }
+        });
+    }
+    while let Some(joined) = running.join_next().await {
+        joined.unwrap();
+    }
+}
+
 /// Through the manager, 32 tasks each set their own key 50 times on one session at once, every
 /// task yielding between its load and its commit so that requests interleave; every last value
 /// persists (conflicts happen, and are replayed, never lost).
@@ -809,23 +830,10 @@ pub async fn manager_concurrent_commits_lose_no_update<S: SessionStore + Clone +
     session.insert("owner", "conformance").unwrap();
     let cookie = manager.commit(session).await.unwrap().cookie.unwrap().value;
 
-    let mut tasks = JoinSet::new();
-    for task in 0..TASKS {
-        let (manager, cookie) = (manager.clone(), cookie.clone());
-        tasks.spawn(async move {
-            for round in 1..=ROUNDS {
-                let mut session = manager.load(Some(&cookie)).await.unwrap();
-                assert!(!session.is_new(), "the session vanished");
-                session.insert(&format!("task-{task}"), &round).unwrap();
-                tokio::task::yield_now().await;
-                let outcome = manager.commit(session).await.unwrap();
-                assert_eq!(outcome.status, CommitStatus::Saved);
-            }
-        });
-    }
-    while let Some(joined) = tasks.join_next().await {
-        joined.unwrap();
-    }
+    concurrent_requests(&manager, &cookie, TASKS, ROUNDS, |session, task, round| {
+        session.insert(&format!("task-{task}"), &round).unwrap();
+    })
+    .await;
     let session = manager.load(Some(&cookie)).await.unwrap();
     assert_eq!(
         session.get::<String>("owner").unwrap().as_deref(),
@@ -858,25 +866,12 @@ pub async fn manager_concurrent_updates_count_every_one<S: SessionStore + Clone 
     session.insert("count", &0u32).unwrap();
     let cookie = manager.commit(session).await.unwrap().cookie.unwrap().value;
 
-    let mut tasks = JoinSet::new();
-    for _ in 0..TASKS {
-        let (manager, cookie) = (manager.clone(), cookie.clone());
-        tasks.spawn(async move {
-            for _ in 0..ROUNDS {
-                let mut session = manager.load(Some(&cookie)).await.unwrap();
-                assert!(!session.is_new(), "the session vanished");
-                session
-                    .update("count", |n: Option<u32>| n.unwrap_or(0) + 1)
-                    .unwrap();
-                tokio::task::yield_now().await;
-                let outcome = manager.commit(session).await.unwrap();
-                assert_eq!(outcome.status, CommitStatus::Saved);
-            }
-        });
-    }
-    while let Some(joined) = tasks.join_next().await {
-        joined.unwrap();
-    }
+    concurrent_requests(&manager, &cookie, TASKS, ROUNDS, |session, _, _| {
+        session
+            .update("count", |n: Option<u32>| n.unwrap_or(0) + 1)
+            .unwrap();
+    })
+    .await;
     let session = manager.load(Some(&cookie)).await.unwrap();
     assert_eq!(session.get::<u32>("count").unwrap(), Some(TASKS * ROUNDS));
     assert!(
