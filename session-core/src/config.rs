@@ -112,8 +112,10 @@ impl CookieConfig {
         self
     }
 
-    /// Whether the cookie carries `Max-Age` (the session's remaining idle time, on by default)
-    /// or is a browser-session cookie that ends when the browser closes.
+    /// Whether the cookie carries `Max-Age` (on by default) or is a browser-session cookie that
+    /// ends when the browser closes. `Max-Age` is the session's time left plus the time between
+    /// two refreshes (the idle timeout less the touch threshold), capped at the absolute
+    /// deadline, so that one refresh lost on the way does not let the cookie run out first.
     pub fn persistent(mut self, persistent: bool) -> Self {
         self.persistent = persistent;
         self
@@ -247,8 +249,10 @@ impl SessionConfig {
     /// While it lives, a request that loaded the session before the cycle and saves after it
     /// follows the marker and saves into the new entry, a logout that loaded it before follows
     /// it and ends the new entry, and a request arriving with the old id sees no session and
-    /// cannot write one (its changes are reported lost, so a late response cannot replace the
-    /// new cookie with a fresh anonymous one). Set it above the longest time a request can run.
+    /// cannot write one (its changes are reported lost as
+    /// [`CommitStatus::Superseded`](crate::CommitStatus::Superseded), so a late response cannot
+    /// replace the new cookie with a fresh anonymous one). Set it above the longest time a
+    /// request can run; a touch does not extend it.
     pub fn moved_marker_ttl(mut self, ttl: Duration) -> Self {
         self.moved_marker_ttl = ttl;
         self

@@ -126,10 +126,16 @@ pub enum CommitStatus {
     Cycled,
     /// The session was deleted.
     Destroyed,
-    /// The session ended (deleted, expired or moved to a new id) while the request ran, or the
-    /// cookie named a session that had moved; it stays ended, nothing is written, and the
-    /// cookie is left alone. [`CommitOutcome::lost_changes`] says whether changes were lost.
+    /// The session ended (deleted or expired) while the request ran; it stays ended, nothing is
+    /// written, and the cookie is left alone. [`CommitOutcome::lost_changes`] says whether
+    /// changes were lost.
     Ended,
+    /// The session moved to a new id before this request could write: a concurrent login won
+    /// (this request's own id cycle lost, or it made changes), or the cookie predates a login.
+    /// Nothing is written and the cookie is left alone: the browser has, or is getting, the new
+    /// one from the request that moved the session. [`CommitOutcome::lost_changes`] says
+    /// whether changes were lost.
+    Superseded,
 }
 
 /// The result of [`SessionManager::commit`].
@@ -141,9 +147,10 @@ pub struct CommitOutcome {
     /// What to do with the cookie; `None` leaves the browser's cookie as it is.
     pub cookie: Option<CookieDirective>,
     /// The request changed the session (or asked for a new id) but nothing was written,
-    /// because the session ended while the request ran ([`CommitStatus::Ended`]). Such a
-    /// commit is logged at `warn` and counted ([`SessionManager::lost_writes`]); the tower
-    /// layer answers it with a configurable status.
+    /// because the session ended ([`CommitStatus::Ended`]) or moved
+    /// ([`CommitStatus::Superseded`]) while the request ran. Such a commit is logged at `warn`
+    /// and counted ([`SessionManager::lost_writes`]); the tower layer answers an ended one
+    /// with a configurable status.
     pub lost_changes: bool,
 }
 
@@ -157,9 +164,25 @@ impl CommitOutcome {
     }
 }
 
+/// How many times an id cycle marks the old entry again after a mark went unanswered (a
+/// timeout or a lost connection) while the old entry showed it had not landed.
+const MAX_UNANSWERED_MARKS: u32 = 2;
+
 /// How many chained moves a commit follows (each one an id cycle that happened while the
 /// request ran) before it treats the session as ended.
 const MAX_MOVES_FOLLOWED: usize = 8;
+
+/// What an id cycle found when it read the old entry again after its mark conflicted.
+enum Carry {
+    /// Still a session: the new entry was rewritten (version `new`); mark at version `old`.
+    Again { old: Version, new: Version },
+    /// Deleted or expired.
+    Ended,
+    /// Moved by a concurrent cycle.
+    Moved,
+    /// Moved by this cycle: a mark that went unanswered landed after all.
+    Ours,
+}
 
 /// The newest state of a session that was loaded under some key.
 enum Latest {
@@ -251,7 +274,7 @@ impl SessionManager {
         let loaded = match self.load_latest(&key).await? {
             None => return Ok(self.fresh(now)),
             Some(StoredEntry::Moved { .. }) => {
-                return Ok(Session::new(Origin::Moved { key }, self.new_record(now)));
+                return Ok(Session::new(Origin::Moved, self.new_record(now)));
             }
             Some(StoredEntry::Session(loaded)) => loaded,
         };
@@ -302,10 +325,13 @@ impl SessionManager {
                 self.create_new(&session.record, now, CommitStatus::Created)
                     .await
             }
-            Origin::Moved { .. } if session.record.is_empty() => {
+            Origin::Moved if session.record.is_empty() => {
                 Ok(CommitOutcome::new(CommitStatus::Anonymous, None))
             }
-            Origin::Moved { .. } => Ok(self.lost("the cookie named a session that moved")),
+            Origin::Moved => Ok(self.lost(
+                CommitStatus::Superseded,
+                "the cookie named a session that moved",
+            )),
             Origin::Stored(stored) if session.cycle_requested => {
                 self.commit_cycled(&mut session, stored, now).await
             }
@@ -434,7 +460,8 @@ impl SessionManager {
             return Ok(self.ended());
         };
         let (id, _, _) = self.store_under_new_id(record, ttl, status).await?;
-        Ok(CommitOutcome::new(status, Some(self.set_cookie(&id, ttl))))
+        let cookie = self.set_cookie(&id, ttl, record, now);
+        Ok(CommitOutcome::new(status, Some(cookie)))
     }
 
     /// Stores `record` under a newly drawn id for `ttl`, drawing again on a collision.
@@ -468,7 +495,9 @@ impl SessionManager {
     /// replayed onto it, the new entry is rewritten with the result, and the mark is tried
     /// again, so no change acknowledged to a concurrent request is lost. If the old entry
     /// ended or moved meanwhile (a logout, or a concurrent login that won), the new entry is
-    /// removed and the outcome is `Ended`: two concurrent cycles leave one live entry.
+    /// removed and the outcome is `Ended` or `Superseded`: two concurrent cycles leave one live
+    /// entry. If the mark fails without an answer (a timeout), the old entry is read to tell
+    /// whether it was applied.
     async fn commit_cycled(
         &self,
         session: &mut Session,
@@ -477,64 +506,94 @@ impl SessionManager {
     ) -> Result<CommitOutcome, SessionError> {
         let Some(ttl) = self.write_ttl(&session.record, now) else {
             self.store.delete(&stored.key).await?;
-            return Ok(self.lost("the session passed its absolute deadline"));
+            return Ok(self.lost(
+                CommitStatus::Ended,
+                "the session passed its absolute deadline",
+            ));
         };
         let (id, new_key, mut new_version) = self
             .store_under_new_id(&session.record, ttl, CommitStatus::Cycled)
             .await?;
+        let cookie = self.set_cookie(&id, ttl, &session.record, now);
+        let cycled = || {
+            tracing::debug!("session id cycled; old entry marked moved");
+            CommitOutcome::new(CommitStatus::Cycled, Some(cookie.clone()))
+        };
         let marker_ttl = self.config.moved_marker_ttl;
         let mut version = stored.version;
         let attempts = self.config.max_conflict_retries;
-        for attempt in 1..=attempts {
-            let marked = self
-                .store
-                .mark_moved(&stored.key, version, &new_key, marker_ttl)
-                .await;
-            let error = match marked {
-                Ok(()) => {
-                    tracing::debug!("session id cycled; old entry marked moved");
-                    return Ok(CommitOutcome::new(
-                        CommitStatus::Cycled,
-                        Some(self.set_cookie(&id, ttl)),
-                    ));
-                }
-                Err(StoreError::Conflict) => {
-                    tracing::debug!(attempt, "id cycle raced a save; carrying it over");
-                    backoff(attempt).await;
-                    match self
-                        .carry_over(session, &stored.key, &new_key, new_version, ttl)
-                        .await
-                    {
-                        Ok(Some((newer_old, newer_new))) => {
-                            version = newer_old;
-                            new_version = newer_new;
-                            continue;
+        let mut unanswered = 0;
+        let failed = 'attempts: {
+            for attempt in 1..=attempts {
+                let marked = self
+                    .store
+                    .mark_moved(&stored.key, version, &new_key, marker_ttl)
+                    .await;
+                match marked {
+                    Ok(()) => return Ok(cycled()),
+                    Err(StoreError::Conflict) => {
+                        tracing::debug!(attempt, "id cycle raced a save; carrying it over");
+                        backoff(attempt).await;
+                        let carried = self
+                            .carry_over(session, &stored.key, &new_key, new_version, ttl)
+                            .await;
+                        match carried {
+                            Ok(Carry::Again { old, new }) => (version, new_version) = (old, new),
+                            Ok(Carry::Ours) => return Ok(cycled()),
+                            Ok(Carry::Ended) => {
+                                break 'attempts Ok(self.lost(
+                                    CommitStatus::Ended,
+                                    "the session ended during an id cycle",
+                                ));
+                            }
+                            Ok(Carry::Moved) => {
+                                break 'attempts Ok(self
+                                    .lost(CommitStatus::Superseded, "a concurrent id cycle won"));
+                            }
+                            Err(error) => break 'attempts Err(error),
                         }
-                        Ok(None) => None,
-                        Err(error) => Some(error),
+                    }
+                    Err(StoreError::NotFound) => {
+                        break 'attempts Ok(
+                            self.lost(CommitStatus::Ended, "the session ended during an id cycle")
+                        );
+                    }
+                    Err(error) => {
+                        // Applied or not? The server may have applied the mark and lost the
+                        // reply, or may apply it still. The old entry tells: our marker means
+                        // done; the same version means not yet, so mark again (once more,
+                        // then give up keeping the new entry, which is unreachable unless the
+                        // mark lands after all); anything else means it can no longer land.
+                        unanswered += 1;
+                        match self.store.load_entry(&stored.key).await {
+                            Ok(Some(StoredEntry::Moved { to })) if to == new_key => {
+                                return Ok(cycled());
+                            }
+                            Ok(Some(StoredEntry::Session(loaded))) if loaded.version == version => {
+                                if unanswered > MAX_UNANSWERED_MARKS {
+                                    return Err(error.into());
+                                }
+                                tracing::warn!(%error, "an id cycle's mark went unanswered; trying again");
+                                backoff(attempt).await;
+                            }
+                            Ok(_) => break 'attempts Err(error.into()),
+                            Err(_) => return Err(error.into()),
+                        }
                     }
                 }
-                Err(StoreError::NotFound) => None,
-                Err(error) => Some(error.into()),
-            };
-            // The cycle failed or lost: the new entry must not outlive it.
-            if let Err(cleanup) = self.store.delete(&new_key).await {
-                tracing::warn!(error = %cleanup, "could not remove the new entry of a failed id cycle");
             }
-            return match error {
-                Some(error) => Err(error),
-                None => Ok(self.lost("the session ended or moved during an id cycle")),
-            };
-        }
+            Err(SessionError::ConflictRetriesExhausted { attempts })
+        };
+        // The cycle failed or lost: the new entry must not outlive it.
         if let Err(cleanup) = self.store.delete(&new_key).await {
             tracing::warn!(error = %cleanup, "could not remove the new entry of a failed id cycle");
         }
-        Err(SessionError::ConflictRetriesExhausted { attempts })
+        failed
     }
 
     /// After an id cycle's mark conflicted: reads the old entry again, replays this request's
-    /// changes onto it and rewrites the new entry with the result. Returns the old entry's
-    /// and the new entry's versions, or `None` when the old entry ended or moved.
+    /// changes onto it and rewrites the new entry with the result. A panic in an update closure
+    /// first removes the new entry, then goes on unwinding.
     async fn carry_over(
         &self,
         session: &mut Session,
@@ -542,15 +601,34 @@ impl SessionManager {
         new_key: &StorageKey,
         new_version: Version,
         ttl: Duration,
-    ) -> Result<Option<(Version, Version)>, SessionError> {
-        let Some(StoredEntry::Session(loaded)) = self.load_latest(old_key).await? else {
-            return Ok(None);
+    ) -> Result<Carry, SessionError> {
+        let loaded = match self.load_latest(old_key).await? {
+            None => return Ok(Carry::Ended),
+            // An earlier mark of ours that went unanswered landed after all.
+            Some(StoredEntry::Moved { to }) if to == *new_key => return Ok(Carry::Ours),
+            Some(StoredEntry::Moved { .. }) => return Ok(Carry::Moved),
+            Some(StoredEntry::Session(loaded)) => loaded,
         };
         let mut record = loaded.record;
-        session.replay_onto(&mut record, self.config.same_key_conflict)?;
+        let policy = self.config.same_key_conflict;
+        let replayed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            session.replay_onto(&mut record, policy)
+        }));
+        match replayed {
+            Ok(result) => result?,
+            Err(panic) => {
+                if let Err(cleanup) = self.store.delete(new_key).await {
+                    tracing::warn!(error = %cleanup, "could not remove the new entry of a failed id cycle");
+                }
+                std::panic::resume_unwind(panic);
+            }
+        }
         self.check_size(&record)?;
         let saved = self.store.save(new_key, &record, ttl, new_version).await?;
-        Ok(Some((loaded.version, saved)))
+        Ok(Carry::Again {
+            old: loaded.version,
+            new: saved,
+        })
     }
 
     /// Deletes the stored session, if any, and clears the cookie; values inserted after
@@ -562,14 +640,13 @@ impl SessionManager {
     ) -> Result<CommitOutcome, SessionError> {
         let status = match std::mem::replace(&mut session.origin, Origin::Fresh) {
             Origin::Stored(stored) => {
-                self.end_session(&stored.key, Some(stored.version)).await?;
+                self.end_session(&stored.key, stored.version).await?;
                 CommitStatus::Destroyed
             }
-            Origin::Moved { key } => {
-                self.end_session(&key, None).await?;
-                CommitStatus::Destroyed
-            }
-            Origin::Fresh => CommitStatus::Anonymous,
+            // The cookie's id was revoked by an id cycle: it has no power over the session it
+            // moved to (a planted pre-login id must not log the user out), so only the cookie
+            // is cleared.
+            Origin::Moved | Origin::Fresh => CommitStatus::Anonymous,
         };
         if !session.record.is_empty() {
             let mut record = self.new_record(now);
@@ -579,44 +656,40 @@ impl SessionManager {
         Ok(CommitOutcome::new(status, Some(self.removal_cookie())))
     }
 
-    /// Ends the session loaded under `key` at `version` (or, with `None`, whatever is there):
-    /// deletes it only at the version last read, so a concurrent cycle cannot slip a move
-    /// past the delete, and follows any move to end the session where it went, then removes
-    /// the markers passed on the way.
-    async fn end_session(
-        &self,
-        key: &StorageKey,
-        version: Option<Version>,
-    ) -> Result<(), SessionError> {
-        let mut target = version.map(|version| (key.clone(), version));
+    /// Ends the session loaded under `key` at `version`: deletes it only at the version last
+    /// read, so a concurrent cycle cannot slip a move past the delete, and follows any move to
+    /// end the session where it went, then removes the markers passed on the way.
+    async fn end_session(&self, key: &StorageKey, version: Version) -> Result<(), SessionError> {
+        let (mut key, mut version) = (key.clone(), version);
         let mut markers = Vec::new();
         let attempts = self.config.max_conflict_retries;
         for attempt in 1..=attempts {
-            if let Some((key, version)) = &target {
-                match self.store.delete_if_version(key, *version).await {
-                    Ok(()) | Err(StoreError::NotFound) => break,
-                    Err(StoreError::Conflict) => backoff(attempt).await,
-                    Err(error) => return Err(error.into()),
-                }
+            match self.store.delete_if_version(&key, version).await {
+                Ok(()) | Err(StoreError::NotFound) => break,
+                Err(StoreError::Conflict) => backoff(attempt).await,
+                Err(error) => return Err(error.into()),
             }
-            let from = target.as_ref().map_or(key, |(key, _)| key);
-            match self.resolve(from).await? {
+            match self.resolve(&key).await? {
                 Latest::Gone => break,
                 Latest::Live {
-                    key,
+                    key: latest,
                     loaded,
                     markers: passed,
                 } => {
                     markers.extend(passed);
-                    target = Some((key, loaded.version));
+                    (key, version) = (latest, loaded.version);
                 }
             }
             if attempt == attempts {
                 return Err(SessionError::ConflictRetriesExhausted { attempts });
             }
         }
+        // The markers expire by themselves; removing them now is a courtesy, and its failure
+        // does not undo a logout that happened.
         for marker in markers {
-            self.store.delete(&marker).await?;
+            if let Err(error) = self.store.delete(&marker).await {
+                tracing::warn!(%error, "could not remove a moved marker after a logout");
+            }
         }
         tracing::debug!("session destroyed");
         Ok(())
@@ -643,7 +716,10 @@ impl SessionManager {
             self.check_size(record)?;
             let Some((ttl, extended)) = self.ttl_plan(record, expires_in, loaded_at, now) else {
                 self.store.delete(&key).await?;
-                return Ok(self.lost("the session passed its absolute deadline"));
+                return Ok(self.lost(
+                    CommitStatus::Ended,
+                    "the session passed its absolute deadline",
+                ));
             };
             match self.store.save(&key, record, ttl, version).await {
                 Ok(_) if followed => {
@@ -651,12 +727,15 @@ impl SessionManager {
                 }
                 Ok(_) => {
                     let refresh = extended && self.config.cookie.persistent;
-                    let cookie =
-                        (refresh || stored.needs_resign).then(|| self.set_cookie(&stored.id, ttl));
+                    let cookie = (refresh || stored.needs_resign)
+                        .then(|| self.set_cookie(&stored.id, ttl, record, now));
                     return Ok(CommitOutcome::new(CommitStatus::Saved, cookie));
                 }
                 Err(StoreError::NotFound) => {
-                    return Ok(self.lost("the session ended while the request ran"));
+                    return Ok(self.lost(
+                        CommitStatus::Ended,
+                        "the session ended while the request ran",
+                    ));
                 }
                 Err(StoreError::Conflict) => {
                     tracing::debug!(attempt, "save conflict; replaying onto the newer version");
@@ -667,7 +746,10 @@ impl SessionManager {
                         ..
                     } = self.resolve(&key).await?
                     else {
-                        return Ok(self.lost("the session ended while the request ran"));
+                        return Ok(self.lost(
+                            CommitStatus::Ended,
+                            "the session ended while the request ran",
+                        ));
                     };
                     if latest_key != key {
                         followed = true;
@@ -698,23 +780,23 @@ impl SessionManager {
             return Ok(self.ended());
         };
         if !due {
-            return Ok(self.unchanged(stored));
+            return Ok(self.unchanged(stored, record, now));
         }
         if self.store.touch(&stored.key, ttl).await? {
             let cookie = (self.config.cookie.persistent || stored.needs_resign)
-                .then(|| self.set_cookie(&stored.id, ttl));
+                .then(|| self.set_cookie(&stored.id, ttl, record, now));
             Ok(CommitOutcome::new(CommitStatus::Touched, cookie))
         } else {
             Ok(self.ended())
         }
     }
 
-    fn unchanged(&self, stored: &StoredSession) -> CommitOutcome {
+    fn unchanged(&self, stored: &StoredSession, record: &Record, now: SystemTime) -> CommitOutcome {
         let cookie = stored.needs_resign.then(|| {
             let left = stored.expires_in.map_or(self.config.idle_timeout, |left| {
                 left.saturating_sub(stored.loaded_at.elapsed())
             });
-            self.set_cookie(&stored.id, left)
+            self.set_cookie(&stored.id, left, record, now)
         });
         CommitOutcome::new(CommitStatus::Unchanged, cookie)
     }
@@ -723,26 +805,45 @@ impl SessionManager {
         CommitOutcome::new(CommitStatus::Ended, None)
     }
 
-    /// A commit whose changes were not written because the session ended: logged (without id
-    /// or key), counted, and reported.
-    fn lost(&self, why: &'static str) -> CommitOutcome {
+    /// A commit whose changes were not written because the session ended or moved: logged
+    /// (without id or key), counted, and reported.
+    fn lost(&self, status: CommitStatus, why: &'static str) -> CommitOutcome {
         tracing::warn!(
             why,
-            "session changes lost: the session ended while the request ran"
+            "session changes lost: the session ended or moved while the request ran"
         );
         self.lost_writes.fetch_add(1, Ordering::Relaxed);
         CommitOutcome {
-            status: CommitStatus::Ended,
+            status,
             cookie: None,
             lost_changes: true,
         }
     }
 
-    fn set_cookie(&self, id: &SessionId, ttl: Duration) -> CookieDirective {
+    /// The directive for the cookie of `id`, whose session (holding `record`) has `ttl` left.
+    /// A persistent cookie's `Max-Age` is `ttl` plus the time between two refreshes (the idle
+    /// timeout less the touch threshold), but never past the absolute deadline: a refresh is
+    /// sent once, with the response whose save or touch pushes the expiry back, and if that
+    /// response is lost (the client hung up) the cookie still lasts until the next one. The
+    /// server's expiry stays the authority; a cookie that outlives its session loads nothing.
+    fn set_cookie(
+        &self,
+        id: &SessionId,
+        ttl: Duration,
+        record: &Record,
+        now: SystemTime,
+    ) -> CookieDirective {
         let cookie = &self.config.cookie;
         let value = self.config.keys.sign(&cookie.name, id);
-        let max_age = cookie.persistent.then_some(ttl);
-        self.directive(value, max_age)
+        let between_refreshes = self
+            .config
+            .idle_timeout
+            .saturating_sub(self.config.effective_touch_threshold());
+        let mut max_age = ttl + between_refreshes;
+        if let Some(left) = self.absolute_left(record, now) {
+            max_age = max_age.min(left.max(ttl));
+        }
+        self.directive(value, cookie.persistent.then_some(max_age))
     }
 
     fn removal_cookie(&self) -> CookieDirective {

@@ -22,12 +22,9 @@ pub(crate) enum Origin {
     Fresh,
     /// The cookie named a session that had moved to a new id (a concurrent login) before this
     /// request loaded it. The request sees no session; whatever it changes is reported lost
-    /// instead of written, so that its response cannot replace the new cookie. A destroy
-    /// still ends the session where it went.
-    Moved {
-        /// The key the cookie names (now holding the marker).
-        key: StorageKey,
-    },
+    /// instead of written, so that its response cannot replace the new cookie, and its
+    /// destroy only clears the cookie: the revoked id has no power over the moved session.
+    Moved,
     /// Loaded from the store.
     Stored(StoredSession),
 }
@@ -67,6 +64,9 @@ struct KeyChange {
     /// `update` closures applied after the assignment, or to the stored value when nothing
     /// was assigned, in order.
     updates: Vec<HeldUpdate>,
+    /// Only an `insert` of the value the session already held: it writes nothing by itself,
+    /// but if the request writes anyway, it is replayed like any other insert.
+    passive: bool,
 }
 
 /// A session during one request: typed values, with every change recorded per value so that
@@ -105,7 +105,7 @@ impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let origin = match self.origin {
             Origin::Fresh => "fresh",
-            Origin::Moved { .. } => "moved",
+            Origin::Moved => "moved",
             Origin::Stored(_) => "stored",
         };
         f.debug_struct("Session")
@@ -157,13 +157,15 @@ impl Session {
         value: &T,
     ) -> Result<(), SessionError> {
         let bytes = encode_named(name, value)?;
-        if self.record.value(name) == Some(bytes.as_slice()) {
-            return Ok(());
-        }
+        let unchanged = self.record.value(name) == Some(bytes.as_slice());
+        let fresh = !self.changes.contains_key(name);
         let change = self.change_of(name);
+        change.passive = unchanged && (fresh || change.passive);
         change.assigned = Some(Some(bytes.clone()));
         change.updates.clear();
-        self.record.set_value(name, bytes);
+        if !unchanged {
+            self.record.set_value(name, bytes);
+        }
         Ok(())
     }
 
@@ -186,10 +188,13 @@ impl Session {
         let value = decode_named(name, &bytes)?;
         // A no-op on a value this request has not changed can be dropped (the request then
         // reads as if it ran before any concurrent one); after a change it must be re-run.
-        if self.record.value(name) == Some(bytes.as_slice()) && !self.changes.contains_key(name) {
+        let changed_before = self.changes.get(name).is_some_and(|c| !c.passive);
+        if self.record.value(name) == Some(bytes.as_slice()) && !changed_before {
             return Ok(value);
         }
-        self.change_of(name).updates.push(update);
+        let change = self.change_of(name);
+        change.updates.push(update);
+        change.passive = false;
         self.record.set_value(name, bytes);
         Ok(value)
     }
@@ -202,6 +207,7 @@ impl Session {
         let change = self.change_of(name);
         change.assigned = Some(None);
         change.updates.clear();
+        change.passive = false;
         self.record.remove_value(name);
         true
     }
@@ -219,6 +225,7 @@ impl Session {
         for change in self.changes.values_mut() {
             change.assigned = Some(None);
             change.updates.clear();
+            change.passive = false;
         }
         self.record.clear_values();
         self.cleared = true;
@@ -262,18 +269,21 @@ impl Session {
 
     /// Whether this request changed any value.
     pub fn is_modified(&self) -> bool {
-        self.cleared || !self.changes.is_empty()
+        self.cleared || self.changes.values().any(|change| !change.passive)
     }
 
-    /// The change record of `name`, made on first use with the value as it is now.
+    /// The change record of `name`, made on first use with the value as it is now. After
+    /// [`clear`](Self::clear), a value not seen before starts out removed by the clear, so
+    /// that an update of it starts from nothing on replay too.
     fn change_of(&mut self, name: &str) -> &mut KeyChange {
-        let record = &self.record;
+        let (record, cleared) = (&self.record, self.cleared);
         self.changes
             .entry(name.to_owned())
             .or_insert_with(|| KeyChange {
                 seen: record.value(name).map(<[u8]>::to_vec),
-                assigned: None,
+                assigned: cleared.then_some(None),
                 updates: Vec::new(),
+                passive: false,
             })
     }
 
@@ -431,6 +441,38 @@ mod tests {
         assert!(!s.is_modified());
         assert_eq!(s.update("a", |n: Option<u32>| n.unwrap_or(0)).unwrap(), 1);
         assert!(!s.is_modified());
+    }
+
+    #[test]
+    fn an_insert_of_the_loaded_value_still_wins_when_the_request_writes() {
+        let mut s = loaded(&[("theme", 1), ("n", 0)]);
+        s.insert("theme", &1u32).unwrap();
+        s.insert("n", &1u32).unwrap();
+        let mut newer = record_of(&[("theme", 2), ("n", 0)]);
+        s.replay_onto(&mut newer, LWW).unwrap();
+        assert_eq!(value(&newer, "theme"), Some(1), "the last writer wins");
+        let mut newer = record_of(&[("theme", 2), ("n", 0)]);
+        assert!(matches!(
+            s.replay_onto(&mut newer, FAIL),
+            Err(SessionError::ConcurrentModification { name }) if name == "theme"
+        ));
+    }
+
+    #[test]
+    fn an_update_after_clear_starts_from_nothing_on_replay() {
+        let mut s = loaded(&[("a", 1)]);
+        s.clear();
+        assert_eq!(
+            s.update("cart", |n: Option<u32>| n.unwrap_or(0) + 1)
+                .unwrap(),
+            1
+        );
+        let mut newer = record_of(&[("a", 1), ("cart", 5)]);
+        s.replay_onto(&mut newer, LWW).unwrap();
+        assert_eq!(value(&newer, "cart"), Some(1));
+        assert_eq!(newer.names().collect::<Vec<_>>(), ["cart"]);
+        let mut newer = record_of(&[("a", 1), ("cart", 5)]);
+        assert!(s.replay_onto(&mut newer, FAIL).is_err());
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //!   handed out, so every conditional write against it is a `Conflict`.
 //! - **touch** `(key, ttl)` sets a session's TTL to `ttl` from now without rewriting its value
 //!   or changing its version, and returns whether a live session was there: `false` for a
-//!   missing entry and for a marker (whose TTL a backend may extend or leave alone).
+//!   missing entry and for a marker, whose expiry stays as `mark_moved` set it.
 //! - **delete** `(key)` removes the entry, session or marker; deleting a missing entry succeeds.
 //! - **delete_if_version** `(key, version)` removes the session under `key` only if its version
 //!   still equals `version`: a different version or a marker is `Conflict` (nothing removed),

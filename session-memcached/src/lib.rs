@@ -9,8 +9,8 @@
 //! | `create` | `ms <key> <size> T<ttl> MS c` with add mode (`ME`): stores only if absent |
 //! | `load` | `mg <key> v c t`: the value, its CAS (the version) and its remaining TTL |
 //! | `save` | `ms <key> <size> T<ttl> C<cas> c`: compare-and-set; a vanished item stays vanished |
-//! | `mark_moved` | `ms <key> <size> T<ttl> C<cas> F1 c`: the marker, compare-and-set; client flag 1 marks it |
-//! | `touch` | `mg <key> T<ttl> f` without the value; flag 1 (a marker) answers "no session" |
+//! | `mark_moved` | `ms <key> <size> T<ttl> C<cas> F<expiry> c`: the marker, compare-and-set; its client flags hold its expiry |
+//! | `touch` | `mg <key> T<ttl> f` without the value; nonzero flags (a marker) answer "no session", and a second `mg` gives the marker back its expiry |
 //! | `delete` | `md <key>` |
 //! | `delete_if_version` | `md <key> C<cas>`: removed only at that CAS |
 //!
@@ -43,7 +43,7 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use memcache::exp::{AsyncMetaClient, GetStatus, Meta, MutationResult, MutationStatus, Ttl};
@@ -208,11 +208,10 @@ fn checked_cas(operation: &'static str, cas: u64) -> Result<Version, StoreError>
     Ok(Version::new(cas))
 }
 
-/// The client flags of an item holding a session record.
+/// The client flags of an item holding a session record. A moved marker's flags are instead
+/// the moment it expires, in Unix seconds (never zero), so that `touch`, which reads flags but
+/// not values, can tell a marker from a session and give the marker back its own expiry.
 const SESSION_FLAGS: u32 = 0;
-/// The client flags of an item holding a moved marker, so that `touch` (which reads flags but
-/// not the value) can tell a marker from a session.
-const MOVED_FLAGS: u32 = 1;
 
 /// When a write may happen.
 enum Condition {
@@ -310,12 +309,22 @@ impl SessionStore for MemcachedStore {
     ) -> Result<(), StoreError> {
         check_ttl(ttl)?;
         let marker = encode_moved(to);
+        let expires = SystemTime::now() + ttl + Duration::from_secs(1);
+        let expires_secs = expires
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
+        let flags = u32::try_from(expires_secs).map_err(|_| {
+            unexpected(
+                "mark_moved",
+                "the marker's expiry does not fit memcached's flags".into(),
+            )
+        })?;
         let result = self
             .write_bytes(
                 "mark_moved",
                 key,
                 &marker,
-                MOVED_FLAGS,
+                flags,
                 ttl,
                 Condition::Cas(version.get()),
             )
@@ -337,9 +346,21 @@ impl SessionStore for MemcachedStore {
             .without_value()
             .send();
         let result = self.run("touch", request).await?;
-        // A marker's TTL is extended too (memcached touches before it answers); it is still
-        // not a session.
-        Ok(result.status == GetStatus::Hit && result.client_flags != Some(MOVED_FLAGS))
+        match result.client_flags {
+            // A marker: memcached touched it before answering, so give it back its own expiry
+            // (a second request, only when a touch races an id cycle).
+            Some(expires) if expires != SESSION_FLAGS && result.status == GetStatus::Hit => {
+                let restore = self
+                    .client
+                    .get(item_key.as_bytes())
+                    .touch(Ttl::at(UNIX_EPOCH + Duration::from_secs(expires.into())))
+                    .without_value()
+                    .send();
+                self.run("touch", restore).await?;
+                Ok(false)
+            }
+            _ => Ok(result.status == GetStatus::Hit),
+        }
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {

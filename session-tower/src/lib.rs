@@ -8,8 +8,8 @@
 //! (only when the cookie changes), and puts the [`CommitOutcome`] in the response's extensions
 //! for outer layers to see. A store failure, while committing or in a handler through
 //! [`SessionFailure`], turns the response into a 500 (configurable); changes that could not be
-//! written because the session ended meanwhile turn it into a 409 (configurable, see
-//! [`LostWrites`]); an invalid cookie is simply a fresh session. The commit runs as a task of its
+//! written because the session was logged out or expired meanwhile turn it into a 409
+//! (configurable, see [`LostWrites`]); an invalid cookie is simply a fresh session. The commit runs as a task of its
 //! own, so that a client hanging up cannot cut it short: the layer needs a tokio runtime.
 //!
 //! ```
@@ -47,7 +47,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use session_core::{CommitOutcome, SessionError, SessionManager, find_cookies};
+use session_core::{CommitOutcome, CommitStatus, SessionError, SessionManager, find_cookies};
 use tokio::sync::Mutex;
 
 /// Where the request's session is in its life.
@@ -246,11 +246,18 @@ impl<S: Send + Sync> FromRequestParts<S> for Session {
 }
 
 /// What the layer does with the response of a request whose session changes were not
-/// written: the session ended while the request ran (a concurrent logout, an expiry, or a
-/// login that moved it first, see [`CommitOutcome::lost_changes`]), or a concurrent request
-/// changed the same value under
-/// [`SameKeyConflict::Fail`](session_core::SameKeyConflict::Fail)
+/// written because the session ended while the request ran (a concurrent logout, or an
+/// expiry: [`CommitStatus::Ended`] with
+/// [`CommitOutcome::lost_changes`]), or because a concurrent request changed the same value
+/// under [`SameKeyConflict::Fail`](session_core::SameKeyConflict::Fail)
 /// ([`SessionError::ConcurrentModification`]). Either way it is logged at `warn`.
+///
+/// Changes lost because the session *moved* to a new id
+/// ([`CommitStatus::Superseded`]: a double-submitted
+/// login, or a page view sent with the cookie of a moment before a login) keep the handler's
+/// response whatever the policy: the session goes on under the new id, whose cookie the
+/// browser has or is getting, so an error page would only alarm the user. They are logged and
+/// counted like the others, and the outcome is in the response's extensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LostWrites {
@@ -392,7 +399,7 @@ where
                         .cookie
                         .as_ref()
                         .map(|directive| HeaderValue::from_str(&directive.to_header_value()));
-                    let lost = outcome.lost_changes;
+                    let lost = outcome.lost_changes && outcome.status == CommitStatus::Ended;
                     response.extensions_mut().insert(outcome);
                     match cookie {
                         Some(Ok(value)) => {

@@ -6,17 +6,17 @@
 //! seen the answer). A scheduler decides, at every pause, which paused request goes on; only
 //! one request runs at a time, so a schedule is a sequence of choices and replays exactly.
 //!
-//! - [`explore_all`] runs **every** schedule of a set of requests, by depth-first search over
+//! - [`Harness::explore_all`] runs **every** schedule of a set of requests, by depth-first search over
 //!   the choices (each run replays a prefix of the previous one and takes the next untried
 //!   choice at the deepest point that has one).
-//! - [`explore_random`] runs schedules drawn from a seeded generator.
+//! - [`Harness::explore_random`] runs schedules drawn from a seeded generator.
 //!
 //! By default the scheduler branches at before-pauses and lets a request that just made a
 //! call go on at once to its next call: what a request does between two store calls touches
 //! no shared state, so branching there as well repeats schedules already run (the same order of
 //! store calls). [`Exploration::branch_after_calls`] branches at after-pauses too.
 //!
-//! After each schedule, [`check`] tests the invariants ([`Invariant`]): no request fails; every
+//! After each schedule, [`Harness::check`] tests the invariants ([`Invariant`]): no request fails; every
 //! `update` acknowledged is applied exactly once and every lost one not at all; every
 //! acknowledged `insert` is present unless a destroy ended the session, and no lost one is;
 //! a destroyed session stays ended; at most one live entry per session lineage; the cookie the
@@ -316,7 +316,7 @@ impl Default for Exploration {
     }
 }
 
-/// One invariant of [`check`].
+/// One invariant of [`Harness::check`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Invariant {
     /// A request's commit failed.

@@ -60,6 +60,8 @@ enum Defect {
     MarkerIgnoresTtl,
     /// `touch` counts a marker as a session.
     TouchCountsMarkers,
+    /// `touch` extends a marker's expiry.
+    TouchExtendsMarkers,
     /// `save` over a marker writes the session again.
     SaveReplacesMarkers,
     /// `delete_if_version` ignores the version it is given.
@@ -224,6 +226,19 @@ impl SessionStore for Faulty {
                     .touch(key, left.map_or(ttl, |left| left.max(ttl)))
                     .await
             }
+            Defect::TouchExtendsMarkers => match self.inner.load_entry(key).await? {
+                Some(StoredEntry::Moved { to }) => {
+                    // Rewrite the marker with the touch's TTL (a backend that touches blindly).
+                    self.inner.delete(key).await?;
+                    let version = self
+                        .inner
+                        .create(key, &Record::new(std::time::SystemTime::now()), ttl)
+                        .await?;
+                    self.inner.mark_moved(key, version, &to, ttl).await?;
+                    Ok(false)
+                }
+                _ => self.inner.touch(key, ttl).await,
+            },
             Defect::TouchCountsMarkers => Ok(self.inner.touch(key, ttl).await?
                 || matches!(
                     self.inner.load_entry(key).await?,
@@ -346,6 +361,7 @@ catches! {
         mark_moved_leaves_a_marker_that_is_no_session, moved_marker_expires_after_its_ttl,
         model_based_operations;
     markers_outliving_their_ttl: MarkerIgnoresTtl by moved_marker_expires_after_its_ttl;
+    touch_extending_markers: TouchExtendsMarkers by moved_marker_expires_after_its_ttl;
     touch_counting_markers: TouchCountsMarkers by
         mark_moved_leaves_a_marker_that_is_no_session, model_based_operations;
     saves_replacing_markers: SaveReplacesMarkers by

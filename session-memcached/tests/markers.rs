@@ -1,0 +1,187 @@
+//! Moved markers on a real memcached: a touch does not stretch a marker past its TTL, and a
+//! server stall during a login's mark does not lose the session. Both began as findings of the
+//! adversarial review of the moved-marker change and failed on that code.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use session_conformance::harness::{ServerKind, ServerProcess};
+use std::time::SystemTime;
+
+use session_core::{
+    CommitStatus, KeyPrefix, KeyRing, LoadedRecord, Record, SessionConfig, SessionId,
+    SessionManager, SessionStore, SigningKey, StorageKey, StoreError, StoredEntry, Version,
+};
+use session_memcached::{MemcachedConfig, MemcachedStore};
+
+/// `SessionConfig::moved_marker_ttl` says how long the marker an id cycle leaves under the
+/// old key lives (here one second). A request that loaded the session before the cycle and
+/// commits after it, unchanged but due for a touch, sends `mg <old key> T<idle>`, which
+/// memcached applies to the marker too; the store must give the marker back its own expiry,
+/// or the revoked id's marker lasts the idle timeout.
+#[tokio::test]
+async fn a_touch_does_not_stretch_a_marker_past_its_ttl() {
+    let Some(server) = ServerProcess::start(ServerKind::Memcached) else {
+        return;
+    };
+    let store = MemcachedStore::connect(MemcachedConfig::new([server.address()]))
+        .await
+        .unwrap();
+    let keys = KeyRing::single(SigningKey::new([3u8; 32]).unwrap());
+    let config = SessionConfig::new(keys.clone())
+        .idle_timeout(Duration::from_secs(600))
+        .moved_marker_ttl(Duration::from_secs(1));
+    let manager = SessionManager::new(Arc::new(store.clone()), config).unwrap();
+
+    // A session idle for most of its timeout: 100 s of 600 s left, below the default touch
+    // threshold (half the idle timeout), so an unchanged request touches it.
+    let id = SessionId::generate().unwrap();
+    let old_key = StorageKey::derive(&KeyPrefix::default(), &id);
+    let mut record = Record::new(SystemTime::now());
+    record.set_value("user", session_core::codec::encode_value("alice").unwrap());
+    store
+        .create(&old_key, &record, Duration::from_secs(100))
+        .await
+        .unwrap();
+    let cookie = keys.sign("session", &id);
+
+    // A read-only request loads the session; a login cycles it; the read-only request then
+    // commits (a touch, which finds the marker).
+    let reader = manager.load(Some(&cookie)).await.unwrap();
+    let mut login = manager.load(Some(&cookie)).await.unwrap();
+    login.cycle_id();
+    assert_eq!(
+        manager.commit(login).await.unwrap().status,
+        CommitStatus::Cycled
+    );
+    assert_eq!(
+        manager.commit(reader).await.unwrap().status,
+        CommitStatus::Ended
+    );
+
+    // The marker was to live one second (memcached may keep it up to two more).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let entry = store.load_entry(&old_key).await.unwrap();
+    assert!(
+        entry.is_none(),
+        "the marker outlived moved_marker_ttl (1 s) by far: still a marker after 4 s: {:?}",
+        entry.map(|e| matches!(e, StoredEntry::Moved { .. }))
+    );
+}
+
+/// A memcached store whose `mark_moved` runs while the server is paused (SIGSTOP, as the
+/// project's own fault tests do), so the client times out with the request already in the
+/// server's socket buffer; the server is resumed once the client has given up.
+#[derive(Clone)]
+struct PausedDuringMark {
+    inner: MemcachedStore,
+    server: Arc<ServerProcess>,
+}
+
+#[async_trait]
+impl SessionStore for PausedDuringMark {
+    async fn create(&self, k: &StorageKey, r: &Record, t: Duration) -> Result<Version, StoreError> {
+        self.inner.create(k, r, t).await
+    }
+    async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
+        self.inner.load_entry(key).await
+    }
+    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+        self.inner.load(key).await
+    }
+    async fn save(
+        &self,
+        k: &StorageKey,
+        r: &Record,
+        t: Duration,
+        v: Version,
+    ) -> Result<Version, StoreError> {
+        self.inner.save(k, r, t, v).await
+    }
+    async fn mark_moved(
+        &self,
+        key: &StorageKey,
+        version: Version,
+        to: &StorageKey,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.server.pause();
+        let result = self.inner.mark_moved(key, version, to, ttl).await;
+        self.server.resume();
+        // Let the server work through what it had buffered before the next call.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        result
+    }
+    async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
+        self.inner.touch(key, ttl).await
+    }
+    async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn delete_if_version(
+        &self,
+        key: &StorageKey,
+        version: Version,
+    ) -> Result<(), StoreError> {
+        self.inner.delete_if_version(key, version).await
+    }
+    fn max_record_size(&self) -> usize {
+        self.inner.max_record_size()
+    }
+}
+
+/// A memcached pause during a login's `mark_moved` (the fault the fault tests inject) times the
+/// mark out on the client while the request sits in the server's socket buffer, and the
+/// server, once resumed, applies it. The cycle must not delete the new entry the marker points
+/// at (that would lose the session, cart and all, to a transient stall): the manager reads the
+/// old key to tell whether the mark landed, and keeps the new entry while it may.
+#[tokio::test]
+async fn a_server_stall_during_a_login_mark_does_not_lose_the_session() {
+    let Some(server) = ServerProcess::start(ServerKind::Memcached) else {
+        return;
+    };
+    let config = MemcachedConfig::new([server.address()])
+        .connect_timeout(Duration::from_millis(200))
+        .io_timeout(Duration::from_millis(300));
+    let inner = MemcachedStore::connect(config).await.unwrap();
+    let store = PausedDuringMark {
+        inner: inner.clone(),
+        server: Arc::new(server),
+    };
+    let keys = KeyRing::single(SigningKey::new([3u8; 32]).unwrap());
+    let manager = SessionManager::new(Arc::new(store), SessionConfig::new(keys.clone())).unwrap();
+
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("cart", "tea").unwrap();
+    let cookie = manager.commit(session).await.unwrap().cookie.unwrap().value;
+    let old_key = StorageKey::derive(
+        &KeyPrefix::default(),
+        keys.verify("session", &cookie).unwrap().id(),
+    );
+
+    let mut login = manager.load(Some(&cookie)).await.unwrap();
+    login.insert("user", "alice").unwrap();
+    login.cycle_id();
+    // Either the manager saw its marker once the server was back (the cycle is done), or it
+    // could not tell (an error, with the new entry kept); never a lost session.
+    let committed = manager.commit(login).await;
+    if let Ok(outcome) = &committed {
+        assert_eq!(outcome.status, CommitStatus::Cycled, "{committed:?}");
+    }
+
+    let session = match inner.load_entry(&old_key).await.unwrap() {
+        Some(StoredEntry::Moved { to }) => inner.load(&to).await.unwrap(),
+        Some(StoredEntry::Session(loaded)) => Some(loaded),
+        None => None,
+    };
+    assert!(
+        session.is_some(),
+        "after a failed login the session (with its cart) is gone: the old key is {:?}",
+        inner.load_entry(&old_key).await.unwrap().map(|e| match e {
+            StoredEntry::Moved { .. } => "a marker pointing at a deleted entry",
+            StoredEntry::Session(_) => "a session",
+        })
+    );
+}
