@@ -49,7 +49,9 @@ use async_trait::async_trait;
 use memcache::exp::{AsyncMetaClient, GetStatus, Meta, MutationResult, MutationStatus, Ttl};
 use session_core::codec::{encode_moved, encode_record_within};
 use session_core::store::check_ttl;
-use session_core::{Record, SessionStore, StorageKey, StoreError, StoredEntry, Version};
+use session_core::{
+    LoadedRecord, Record, SessionStore, StorageKey, StoreError, StoredEntry, Version,
+};
 
 mod config;
 
@@ -108,6 +110,34 @@ impl MemcachedStore {
     /// The underlying client, for operations this store does not cover.
     pub fn client(&self) -> &AsyncMetaClient {
         &self.client
+    }
+
+    /// Reads and decodes the entry under `key`: the one body of `load_entry` and `load`.
+    async fn read_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
+        let item_key = self.item_key(key);
+        let request = self
+            .client
+            .get(item_key.as_bytes())
+            .meta(Meta::NONE.cas().ttl())
+            .send();
+        let result = self.run("load", request).await?;
+        let (GetStatus::Hit, Some(bytes)) = (result.status, result.value) else {
+            return Ok(None);
+        };
+        let cas = result
+            .item
+            .cas
+            .ok_or_else(|| unexpected("load", "no CAS value in the reply".into()))?;
+        let version = checked_cas("load", cas)?;
+        // Without the second every write adds for the coarse clock (see `wire_ttl`), so that a
+        // save with the time reported left keeps the expiry where it is instead of moving it a
+        // second later each time.
+        let expires_in = result
+            .item
+            .ttl
+            .and_then(|secs| u64::try_from(secs).ok())
+            .map(|secs| Duration::from_secs(secs.saturating_sub(1)));
+        StoredEntry::decode(&bytes, version, expires_in).map(Some)
     }
 
     fn item_key<'a>(&self, key: &'a StorageKey) -> Cow<'a, str> {
@@ -257,30 +287,15 @@ impl SessionStore for MemcachedStore {
     }
 
     async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
-        let item_key = self.item_key(key);
-        let request = self
-            .client
-            .get(item_key.as_bytes())
-            .meta(Meta::NONE.cas().ttl())
-            .send();
-        let result = self.run("load", request).await?;
-        let (GetStatus::Hit, Some(bytes)) = (result.status, result.value) else {
-            return Ok(None);
-        };
-        let cas = result
-            .item
-            .cas
-            .ok_or_else(|| unexpected("load", "no CAS value in the reply".into()))?;
-        let version = checked_cas("load", cas)?;
-        // Without the second every write adds for the coarse clock (see `wire_ttl`), so that a
-        // save with the time reported left keeps the expiry where it is instead of moving it a
-        // second later each time.
-        let expires_in = result
-            .item
-            .ttl
-            .and_then(|secs| u64::try_from(secs).ok())
-            .map(|secs| Duration::from_secs(secs.saturating_sub(1)));
-        StoredEntry::decode(&bytes, version, expires_in).map(Some)
+        self.read_entry(key).await
+    }
+
+    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+        // Not the trait's default, which would box a second future around `load_entry`.
+        Ok(self
+            .read_entry(key)
+            .await?
+            .and_then(StoredEntry::into_session))
     }
 
     async fn save(

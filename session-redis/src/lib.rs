@@ -50,7 +50,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 use session_core::codec::{DecodeError, FORMAT_MOVED, encode_moved, encode_record_within};
 use session_core::store::check_ttl;
-use session_core::{Record, SessionStore, StorageKey, StoreError, StoredEntry, Version};
+use session_core::{
+    LoadedRecord, Record, SessionStore, StorageKey, StoreError, StoredEntry, Version,
+};
 
 mod config;
 
@@ -228,6 +230,29 @@ impl RedisStore {
         Self::connect(RedisConfig::from_url(url)?).await
     }
 
+    /// Reads and decodes the entry under `key`: the one body of `load_entry` and `load`.
+    async fn read_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
+        let mut connection = self.connection.clone();
+        let mut command = redis::cmd("GET");
+        command.arg(self.redis_key(key).as_ref());
+        let value: Option<Vec<u8>> = self
+            .run("load", command.query_async(&mut connection))
+            .await?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let Some((header, encoded)) = value.split_at_checked(HEADER_LEN) else {
+            return Err(StoreError::Decode(DecodeError::TooShort {
+                len: value.len(),
+            }));
+        };
+        let (version, expires_at) = header.split_at(VERSION_LEN);
+        let version = u64::from_be_bytes(version.try_into().expect("eight bytes"));
+        let expires_at = u64::from_be_bytes(expires_at.try_into().expect("eight bytes"));
+        let expires_in = Duration::from_millis(expires_at.saturating_sub(now_millis()));
+        StoredEntry::decode(encoded, Version::new(version), Some(expires_in)).map(Some)
+    }
+
     fn redis_key<'a>(&self, key: &'a StorageKey) -> Cow<'a, str> {
         key.prefixed(&self.key_prefix)
     }
@@ -369,25 +394,15 @@ impl SessionStore for RedisStore {
     }
 
     async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
-        let mut connection = self.connection.clone();
-        let mut command = redis::cmd("GET");
-        command.arg(self.redis_key(key).as_ref());
-        let value: Option<Vec<u8>> = self
-            .run("load", command.query_async(&mut connection))
-            .await?;
-        let Some(value) = value else {
-            return Ok(None);
-        };
-        let Some((header, encoded)) = value.split_at_checked(HEADER_LEN) else {
-            return Err(StoreError::Decode(DecodeError::TooShort {
-                len: value.len(),
-            }));
-        };
-        let (version, expires_at) = header.split_at(VERSION_LEN);
-        let version = u64::from_be_bytes(version.try_into().expect("eight bytes"));
-        let expires_at = u64::from_be_bytes(expires_at.try_into().expect("eight bytes"));
-        let expires_in = Duration::from_millis(expires_at.saturating_sub(now_millis()));
-        StoredEntry::decode(encoded, Version::new(version), Some(expires_in)).map(Some)
+        self.read_entry(key).await
+    }
+
+    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+        // Not the trait's default, which would box a second future around `load_entry`.
+        Ok(self
+            .read_entry(key)
+            .await?
+            .and_then(StoredEntry::into_session))
     }
 
     async fn save(
