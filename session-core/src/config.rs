@@ -113,9 +113,9 @@ impl CookieConfig {
     }
 
     /// Whether the cookie carries `Max-Age` (on by default) or is a browser-session cookie that
-    /// ends when the browser closes. `Max-Age` is the session's time left plus the time between
-    /// two refreshes (the idle timeout less the touch threshold), capped at the absolute
-    /// deadline, so that one refresh lost on the way does not let the cookie run out first.
+    /// ends when the browser closes. `Max-Age` is the session's time left plus one idle timeout,
+    /// capped at the absolute deadline, so that a refresh lost on the way does not let the
+    /// cookie run out before the next one.
     pub fn persistent(mut self, persistent: bool) -> Self {
         self.persistent = persistent;
         self

@@ -184,6 +184,16 @@ enum Carry {
     Ours,
 }
 
+/// What fencing the old entry of a failed id cycle came to.
+enum Fenced {
+    /// No mark of this cycle can land any more: its new entry can go.
+    Closed,
+    /// A mark of this cycle had landed after all: the cycle is done.
+    Ours,
+    /// Unknown (the store did not answer): the new entry stands.
+    Unknown,
+}
+
 /// The newest state of a session that was loaded under some key.
 enum Latest {
     /// Deleted, expired, or moved further than [`MAX_MOVES_FOLLOWED`] times.
@@ -522,6 +532,9 @@ impl SessionManager {
         let marker_ttl = self.config.moved_marker_ttl;
         let mut version = stored.version;
         let attempts = self.config.max_conflict_retries;
+        // The last mark went unanswered (a timeout, a lost connection) while the old entry still
+        // held the version it was sent against: it may land still. With the error it gave.
+        let mut pending: Option<(LoadedRecord, StoreError)> = None;
         let mut unanswered = 0;
         let failed = 'attempts: {
             for attempt in 1..=attempts {
@@ -531,28 +544,7 @@ impl SessionManager {
                     .await;
                 match marked {
                     Ok(()) => return Ok(cycled()),
-                    Err(StoreError::Conflict) => {
-                        tracing::debug!(attempt, "id cycle raced a save; carrying it over");
-                        backoff(attempt).await;
-                        let carried = self
-                            .carry_over(session, &stored.key, &new_key, new_version, ttl)
-                            .await;
-                        match carried {
-                            Ok(Carry::Again { old, new }) => (version, new_version) = (old, new),
-                            Ok(Carry::Ours) => return Ok(cycled()),
-                            Ok(Carry::Ended) => {
-                                break 'attempts Ok(self.lost(
-                                    CommitStatus::Ended,
-                                    "the session ended during an id cycle",
-                                ));
-                            }
-                            Ok(Carry::Moved) => {
-                                break 'attempts Ok(self
-                                    .lost(CommitStatus::Superseded, "a concurrent id cycle won"));
-                            }
-                            Err(error) => break 'attempts Err(error),
-                        }
-                    }
+                    Err(StoreError::Conflict) => {}
                     Err(StoreError::NotFound) => {
                         break 'attempts Ok(
                             self.lost(CommitStatus::Ended, "the session ended during an id cycle")
@@ -561,34 +553,108 @@ impl SessionManager {
                     Err(error) => {
                         // Applied or not? The server may have applied the mark and lost the
                         // reply, or may apply it still. The old entry tells: our marker means
-                        // done; the same version means not yet, so mark again (once more,
-                        // then give up keeping the new entry, which is unreachable unless the
-                        // mark lands after all); anything else means it can no longer land.
+                        // done; the same version means not yet, so mark again; anything else
+                        // means it can no longer land, and is handled like a conflict.
                         unanswered += 1;
                         match self.store.load_entry(&stored.key).await {
                             Ok(Some(StoredEntry::Moved { to })) if to == new_key => {
                                 return Ok(cycled());
                             }
                             Ok(Some(StoredEntry::Session(loaded))) if loaded.version == version => {
+                                tracing::warn!(%error, "an id cycle's mark went unanswered");
+                                pending = Some((loaded, error));
                                 if unanswered > MAX_UNANSWERED_MARKS {
-                                    return Err(error.into());
+                                    break;
                                 }
-                                tracing::warn!(%error, "an id cycle's mark went unanswered; trying again");
                                 backoff(attempt).await;
+                                continue;
                             }
-                            Ok(_) => break 'attempts Err(error.into()),
-                            Err(_) => return Err(error.into()),
+                            Ok(_) => {}
+                            Err(_) => return Ok(self.cycled_unconfirmed(&error, cycled())),
                         }
                     }
                 }
+                pending = None;
+                tracing::debug!(attempt, "id cycle raced a save; carrying it over");
+                backoff(attempt).await;
+                let carried = self
+                    .carry_over(session, &stored.key, &new_key, new_version, ttl)
+                    .await;
+                match carried {
+                    Ok(Carry::Again { old, new }) => (version, new_version) = (old, new),
+                    Ok(Carry::Ours) => return Ok(cycled()),
+                    Ok(Carry::Ended) => {
+                        break 'attempts Ok(
+                            self.lost(CommitStatus::Ended, "the session ended during an id cycle")
+                        );
+                    }
+                    Ok(Carry::Moved) => {
+                        break 'attempts Ok(
+                            self.lost(CommitStatus::Superseded, "a concurrent id cycle won")
+                        );
+                    }
+                    Err(error) => break 'attempts Err(error),
+                }
             }
-            Err(SessionError::ConflictRetriesExhausted { attempts })
+            // Giving up. A mark that may land still must be made unable to, or it would move
+            // the session to the entry removed below: rewriting the old entry at its version
+            // (a fence) does that.
+            let Some((loaded, error)) = pending else {
+                break 'attempts Err(SessionError::ConflictRetriesExhausted { attempts });
+            };
+            match self.fence(&stored.key, &loaded, version, &new_key).await {
+                Fenced::Ours => return Ok(cycled()),
+                Fenced::Closed => Err(error.into()),
+                Fenced::Unknown => return Ok(self.cycled_unconfirmed(&error, cycled())),
+            }
         };
         // The cycle failed or lost: the new entry must not outlive it.
         if let Err(cleanup) = self.store.delete(&new_key).await {
             tracing::warn!(error = %cleanup, "could not remove the new entry of a failed id cycle");
         }
         failed
+    }
+
+    /// The outcome of an id cycle whose mark went unanswered and whose store could not be asked
+    /// whether it landed: the new entry holds the session with this request's changes, so its
+    /// cookie is handed out. If the mark lands later, the old id follows nowhere (it is dead,
+    /// as intended); if it never does, the old entry keeps the pre-login session until it
+    /// expires, unreachable once the browser has the new cookie, and never the new session's
+    /// data. Either way the login stands, rather than failing now and possibly logging the user
+    /// out later, when a delayed mark lands.
+    fn cycled_unconfirmed(&self, error: &StoreError, cycled: CommitOutcome) -> CommitOutcome {
+        tracing::warn!(%error, "an id cycle's mark could not be confirmed; the new id stands");
+        cycled
+    }
+
+    /// Rewrites the old entry of a failed id cycle as it was, at `version`, so that no mark sent
+    /// against that version (and still on its way) can land any more.
+    async fn fence(
+        &self,
+        old_key: &StorageKey,
+        loaded: &LoadedRecord,
+        version: Version,
+        new_key: &StorageKey,
+    ) -> Fenced {
+        let keep = loaded
+            .expires_in
+            .unwrap_or(self.config.idle_timeout)
+            .max(MIN_TTL);
+        match self
+            .store
+            .save(old_key, &loaded.record, keep, version)
+            .await
+        {
+            Ok(_) => Fenced::Closed,
+            Err(StoreError::Conflict | StoreError::NotFound) => {
+                match self.store.load_entry(old_key).await {
+                    Ok(Some(StoredEntry::Moved { to })) if to == *new_key => Fenced::Ours,
+                    Ok(_) => Fenced::Closed,
+                    Err(_) => Fenced::Unknown,
+                }
+            }
+            Err(_) => Fenced::Unknown,
+        }
     }
 
     /// After an id cycle's mark conflicted: reads the old entry again, replays this request's
@@ -821,11 +887,12 @@ impl SessionManager {
     }
 
     /// The directive for the cookie of `id`, whose session (holding `record`) has `ttl` left.
-    /// A persistent cookie's `Max-Age` is `ttl` plus the time between two refreshes (the idle
-    /// timeout less the touch threshold), but never past the absolute deadline: a refresh is
-    /// sent once, with the response whose save or touch pushes the expiry back, and if that
-    /// response is lost (the client hung up) the cookie still lasts until the next one. The
-    /// server's expiry stays the authority; a cookie that outlives its session loads nothing.
+    /// A persistent cookie's `Max-Age` is `ttl` plus one idle timeout, but never past the
+    /// absolute deadline: a refresh is sent once, with the response whose save or touch pushes
+    /// the expiry back, and if that response is lost (the client hung up), even just before
+    /// the old expiry, the cookie still lasts a whole touch threshold past the moment the next
+    /// refresh falls due. The server's expiry stays the authority; a cookie that outlives its
+    /// session loads nothing.
     fn set_cookie(
         &self,
         id: &SessionId,
@@ -835,11 +902,7 @@ impl SessionManager {
     ) -> CookieDirective {
         let cookie = &self.config.cookie;
         let value = self.config.keys.sign(&cookie.name, id);
-        let between_refreshes = self
-            .config
-            .idle_timeout
-            .saturating_sub(self.config.effective_touch_threshold());
-        let mut max_age = ttl + between_refreshes;
+        let mut max_age = ttl + self.config.idle_timeout;
         if let Some(left) = self.absolute_left(record, now) {
             max_age = max_age.min(left.max(ttl));
         }

@@ -193,8 +193,12 @@ impl Session {
             return Ok(value);
         }
         let change = self.change_of(name);
+        if change.passive {
+            // The insert before it changed nothing: the update works on the stored value.
+            change.assigned = None;
+            change.passive = false;
+        }
         change.updates.push(update);
-        change.passive = false;
         self.record.set_value(name, bytes);
         Ok(value)
     }
@@ -456,6 +460,16 @@ mod tests {
             s.replay_onto(&mut newer, FAIL),
             Err(SessionError::ConcurrentModification { name }) if name == "theme"
         ));
+    }
+
+    #[test]
+    fn an_update_after_an_insert_of_the_loaded_value_still_counts_concurrent_changes() {
+        let mut s = loaded(&[("n", 3)]);
+        s.insert("n", &3u32).unwrap();
+        s.update("n", |n: Option<u32>| n.unwrap_or(0) + 1).unwrap();
+        let mut newer = record_of(&[("n", 4)]);
+        s.replay_onto(&mut newer, FAIL).unwrap();
+        assert_eq!(value(&newer, "n"), Some(5));
     }
 
     #[test]

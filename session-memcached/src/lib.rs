@@ -363,12 +363,17 @@ impl SessionStore for MemcachedStore {
         let result = self.run("touch", request).await?;
         match result.client_flags {
             // A marker: memcached touched it before answering, so give it back its own expiry
-            // (a second request, only when a touch races an id cycle).
+            // (a second request, only when a touch races an id cycle). Sent as the time left by
+            // this host's clock, the one that set it, not as a moment on memcached's clock.
             Some(expires) if expires != SESSION_FLAGS && result.status == GetStatus::Hit => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let left = u64::from(expires).saturating_sub(now).max(1);
                 let restore = self
                     .client
                     .get(item_key.as_bytes())
-                    .touch(Ttl::at(UNIX_EPOCH + Duration::from_secs(expires.into())))
+                    .touch(Ttl::from(Duration::from_secs(left)))
                     .without_value()
                     .send();
                 self.run("touch", restore).await?;

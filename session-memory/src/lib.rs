@@ -339,11 +339,20 @@ impl Shard {
         }
     }
 
-    /// Removes the `count` entries that expire soonest, in one pass over the shard.
+    /// Removes the `count` sessions that expire soonest, in one pass over the shard. Moved
+    /// markers go only when there are not enough sessions: they expire soon anyway, and while
+    /// they live a logout or a save that raced an id cycle follows them to the session.
     fn evict_soonest_expiring(&mut self, count: usize) {
+        let sessions = self
+            .entries
+            .values()
+            .filter(|entry| !is_moved_marker(&entry.bytes))
+            .count();
+        let spare_markers = sessions >= count;
         let mut by_expiry: Vec<(Instant, &StorageKey)> = self
             .entries
             .iter()
+            .filter(|(_, entry)| !(spare_markers && is_moved_marker(&entry.bytes)))
             .map(|(key, entry)| (entry.expires_at, key))
             .collect();
         let count = count.min(by_expiry.len());

@@ -252,12 +252,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Session {
 /// under [`SameKeyConflict::Fail`](session_core::SameKeyConflict::Fail)
 /// ([`SessionError::ConcurrentModification`]). Either way it is logged at `warn`.
 ///
-/// Changes lost because the session *moved* to a new id
-/// ([`CommitStatus::Superseded`]: a double-submitted
-/// login, or a page view sent with the cookie of a moment before a login) keep the handler's
-/// response whatever the policy: the session goes on under the new id, whose cookie the
-/// browser has or is getting, so an error page would only alarm the user. They are logged and
-/// counted like the others, and the outcome is in the response's extensions.
+/// Changes lost because the session *moved* to a new id ([`CommitStatus::Superseded`]: a
+/// double-submitted login, or a page view sent with the cookie of a moment before a login)
+/// have a policy of their own, [`SessionLayer::superseded_writes`], which keeps the handler's
+/// response by default: the session goes on under the new id, whose cookie the browser has or
+/// is getting, so an error page would mostly alarm the user over a double click. An
+/// application whose handlers acknowledge changes (an "added to cart" page) may answer those
+/// with 409 too. Every lost change is logged and counted, and the outcome is in the response's
+/// extensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LostWrites {
@@ -281,6 +283,7 @@ pub struct SessionLayer {
     manager: SessionManager,
     failure_status: StatusCode,
     lost_writes: LostWrites,
+    superseded_writes: LostWrites,
 }
 
 impl SessionLayer {
@@ -290,6 +293,7 @@ impl SessionLayer {
             manager,
             failure_status: StatusCode::INTERNAL_SERVER_ERROR,
             lost_writes: LostWrites::default(),
+            superseded_writes: LostWrites::Ignore,
         }
     }
 
@@ -304,6 +308,14 @@ impl SessionLayer {
     /// Conflict); see [`LostWrites`].
     pub fn lost_writes(mut self, policy: LostWrites) -> Self {
         self.lost_writes = policy;
+        self
+    }
+
+    /// What to do when a request's session changes were not written because a concurrent
+    /// login moved the session to a new id first ([`CommitStatus::Superseded`]; default: keep
+    /// the handler's response); see [`LostWrites`].
+    pub fn superseded_writes(mut self, policy: LostWrites) -> Self {
+        self.superseded_writes = policy;
         self
     }
 }
@@ -384,7 +396,9 @@ where
         // The clone that was made ready by poll_ready is the one to call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (failure_status, lost_writes) = (self.layer.failure_status, self.layer.lost_writes);
+        let failure_status = self.layer.failure_status;
+        let (lost_writes, superseded_writes) =
+            (self.layer.lost_writes, self.layer.superseded_writes);
         Box::pin(async move {
             let mut response = inner.call(request).await?;
             if response.extensions().get::<FailureMarker>().is_some() {
@@ -399,7 +413,11 @@ where
                         .cookie
                         .as_ref()
                         .map(|directive| HeaderValue::from_str(&directive.to_header_value()));
-                    let lost = outcome.lost_changes && outcome.status == CommitStatus::Ended;
+                    let lost = match outcome.status {
+                        _ if !outcome.lost_changes => None,
+                        CommitStatus::Superseded => lost_write_status(superseded_writes),
+                        _ => lost_write_status(lost_writes),
+                    };
                     response.extensions_mut().insert(outcome);
                     match cookie {
                         Some(Ok(value)) => {
@@ -410,8 +428,7 @@ where
                             tracing::error!("the session cookie is not a valid header value");
                             Some(failure_status)
                         }
-                        None if lost => lost_write_status(lost_writes),
-                        None => None,
+                        None => lost,
                     }
                 }
                 Ok(Ok(None)) => None,
