@@ -775,7 +775,6 @@ impl SessionManager {
         let mut version = stored.version;
         let mut expires_in = stored.expires_in;
         let mut loaded_at = stored.loaded_at;
-        let mut followed = false;
         let mut newer: Option<Record> = None;
         for attempt in 1..=attempts {
             let record = newer.as_ref().unwrap_or(&session.record);
@@ -788,7 +787,8 @@ impl SessionManager {
                 ));
             };
             match self.store.save(&key, record, ttl, version).await {
-                Ok(_) if followed => {
+                // Saved where the session moved to (a concurrent login): no cookie.
+                Ok(_) if key != stored.key => {
                     return Ok(CommitOutcome::new(CommitStatus::Followed, None));
                 }
                 Ok(_) => {
@@ -817,10 +817,7 @@ impl SessionManager {
                             "the session ended while the request ran",
                         ));
                     };
-                    if latest_key != key {
-                        followed = true;
-                        key = latest_key;
-                    }
+                    key = latest_key;
                     let mut record = loaded.record;
                     session.replay_onto(&mut record, self.config.same_key_conflict)?;
                     newer = Some(record);

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use session_conformance::faults::{MarkHook, MarkHooked};
 use session_conformance::harness::{ServerKind, ServerProcess};
 use std::time::SystemTime;
 
 use session_core::{
-    CommitStatus, KeyPrefix, KeyRing, LoadedRecord, Record, SessionConfig, SessionId,
-    SessionManager, SessionStore, SigningKey, StorageKey, StoreError, StoredEntry, Version,
+    CommitStatus, KeyPrefix, KeyRing, Record, SessionConfig, SessionId, SessionManager,
+    SessionStore, SigningKey, StorageKey, StoreError, StoredEntry, Version,
 };
 use session_memcached::{MemcachedConfig, MemcachedStore};
 
@@ -71,64 +72,30 @@ async fn a_touch_does_not_stretch_a_marker_past_its_ttl() {
     );
 }
 
-/// A memcached store whose `mark_moved` runs while the server is paused (SIGSTOP, as the
+/// A mark hook whose `mark_moved` runs while the memcached server is paused (SIGSTOP, as the
 /// project's own fault tests do), so the client times out with the request already in the
 /// server's socket buffer; the server is resumed once the client has given up.
 #[derive(Clone)]
 struct PausedDuringMark {
-    inner: MemcachedStore,
     server: Arc<ServerProcess>,
 }
 
 #[async_trait]
-impl SessionStore for PausedDuringMark {
-    async fn create(&self, k: &StorageKey, r: &Record, t: Duration) -> Result<Version, StoreError> {
-        self.inner.create(k, r, t).await
-    }
-    async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
-        self.inner.load_entry(key).await
-    }
-    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
-        self.inner.load(key).await
-    }
-    async fn save(
-        &self,
-        k: &StorageKey,
-        r: &Record,
-        t: Duration,
-        v: Version,
-    ) -> Result<Version, StoreError> {
-        self.inner.save(k, r, t, v).await
-    }
+impl MarkHook for PausedDuringMark {
     async fn mark_moved(
         &self,
+        inner: &(dyn SessionStore + 'static),
         key: &StorageKey,
         version: Version,
         to: &StorageKey,
         ttl: Duration,
     ) -> Result<(), StoreError> {
         self.server.pause();
-        let result = self.inner.mark_moved(key, version, to, ttl).await;
+        let result = inner.mark_moved(key, version, to, ttl).await;
         self.server.resume();
         // Let the server work through what it had buffered before the next call.
         tokio::time::sleep(Duration::from_millis(200)).await;
         result
-    }
-    async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
-        self.inner.touch(key, ttl).await
-    }
-    async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
-        self.inner.delete(key).await
-    }
-    async fn delete_if_version(
-        &self,
-        key: &StorageKey,
-        version: Version,
-    ) -> Result<(), StoreError> {
-        self.inner.delete_if_version(key, version).await
-    }
-    fn max_record_size(&self) -> usize {
-        self.inner.max_record_size()
     }
 }
 
@@ -146,9 +113,11 @@ async fn a_server_stall_during_a_login_mark_does_not_lose_the_session() {
         .connect_timeout(Duration::from_millis(200))
         .io_timeout(Duration::from_millis(300));
     let inner = MemcachedStore::connect(config).await.unwrap();
-    let store = PausedDuringMark {
+    let store = MarkHooked {
         inner: inner.clone(),
-        server: Arc::new(server),
+        hook: PausedDuringMark {
+            server: Arc::new(server),
+        },
     };
     let keys = KeyRing::single(SigningKey::new([3u8; 32]).unwrap());
     let manager = SessionManager::new(Arc::new(store), SessionConfig::new(keys.clone())).unwrap();

@@ -6,44 +6,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use session_conformance::faults::{MarkHook, MarkHooked};
 use session_conformance::harness::{ServerKind, ServerProcess};
 use session_core::{
-    KeyPrefix, KeyRing, LoadedRecord, Record, SessionConfig, SessionManager, SessionStore,
-    SigningKey, StorageKey, StoreError, StoredEntry, Version,
+    KeyPrefix, KeyRing, SessionConfig, SessionManager, SessionStore, SigningKey, StorageKey,
+    StoreError, StoredEntry, Version,
 };
 use session_memcached::{MemcachedConfig, MemcachedStore};
 
-/// A memcached store that stops the server (SIGSTOP, as the project's fault tests do) when the
+/// A mark hook that stops the memcached server (SIGSTOP, as the project's fault tests do) when the
 /// first `mark_moved` is sent, and leaves it stopped: the test resumes it.
 #[derive(Clone)]
 struct StallFromMark {
-    inner: MemcachedStore,
     server: Arc<ServerProcess>,
     stalled: Arc<AtomicBool>,
 }
 
 #[async_trait]
-impl SessionStore for StallFromMark {
-    async fn create(&self, k: &StorageKey, r: &Record, t: Duration) -> Result<Version, StoreError> {
-        self.inner.create(k, r, t).await
-    }
-    async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
-        self.inner.load_entry(key).await
-    }
-    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
-        self.inner.load(key).await
-    }
-    async fn save(
-        &self,
-        k: &StorageKey,
-        r: &Record,
-        t: Duration,
-        v: Version,
-    ) -> Result<Version, StoreError> {
-        self.inner.save(k, r, t, v).await
-    }
+impl MarkHook for StallFromMark {
     async fn mark_moved(
         &self,
+        inner: &(dyn SessionStore + 'static),
         key: &StorageKey,
         version: Version,
         to: &StorageKey,
@@ -52,23 +35,7 @@ impl SessionStore for StallFromMark {
         if !self.stalled.swap(true, Ordering::SeqCst) {
             self.server.pause();
         }
-        self.inner.mark_moved(key, version, to, ttl).await
-    }
-    async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
-        self.inner.touch(key, ttl).await
-    }
-    async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
-        self.inner.delete(key).await
-    }
-    async fn delete_if_version(
-        &self,
-        key: &StorageKey,
-        version: Version,
-    ) -> Result<(), StoreError> {
-        self.inner.delete_if_version(key, version).await
-    }
-    fn max_record_size(&self) -> usize {
-        self.inner.max_record_size()
+        inner.mark_moved(key, version, to, ttl).await
     }
 }
 
@@ -87,10 +54,12 @@ async fn a_stall_across_a_logins_mark_and_re_read_keeps_the_session_reachable() 
         .connect_timeout(Duration::from_millis(200))
         .io_timeout(Duration::from_millis(300));
     let inner = MemcachedStore::connect(config).await.unwrap();
-    let store = StallFromMark {
+    let store = MarkHooked {
         inner: inner.clone(),
-        server: Arc::clone(&server),
-        stalled: Arc::default(),
+        hook: StallFromMark {
+            server: Arc::clone(&server),
+            stalled: Arc::default(),
+        },
     };
     let keys = KeyRing::single(SigningKey::new([13u8; 32]).unwrap());
     let manager = SessionManager::new(Arc::new(store), SessionConfig::new(keys.clone())).unwrap();

@@ -343,17 +343,11 @@ impl Shard {
     /// markers go only when there are not enough sessions: they expire soon anyway, and while
     /// they live a logout or a save that raced an id cycle follows them to the session.
     fn evict_soonest_expiring(&mut self, count: usize) {
-        let sessions = self
-            .entries
-            .values()
-            .filter(|entry| !is_moved_marker(&entry.bytes))
-            .count();
-        let spare_markers = sessions >= count;
-        let mut by_expiry: Vec<(Instant, &StorageKey)> = self
+        // Ordered by (is a marker, expiry): every session before any marker.
+        let mut by_expiry: Vec<((bool, Instant), &StorageKey)> = self
             .entries
             .iter()
-            .filter(|(_, entry)| !(spare_markers && is_moved_marker(&entry.bytes)))
-            .map(|(key, entry)| (entry.expires_at, key))
+            .map(|(key, entry)| ((is_moved_marker(&entry.bytes), entry.expires_at), key))
             .collect();
         let count = count.min(by_expiry.len());
         if count == 0 {

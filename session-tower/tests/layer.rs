@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
-use http::header::{COOKIE, SET_COOKIE};
+use http::header::SET_COOKIE;
 use http::{Request, Response, StatusCode};
 use session_conformance::recording::RecordingStore;
 use session_core::{
@@ -17,6 +17,9 @@ use session_memory::MemoryStore;
 use session_tower::{LostWrites, Session, SessionFailure, SessionLayer};
 use tokio::sync::Notify;
 use tower::ServiceExt;
+
+mod common;
+use common::{body, send, set_cookie};
 
 type Store = RecordingStore<MemoryStore>;
 
@@ -127,31 +130,6 @@ fn app_full(
             }),
         )
         .layer(configure(SessionLayer::new(manager)))
-}
-
-async fn send(app: &Router, path: &str, cookie: Option<&str>) -> Response<Body> {
-    let mut request = Request::builder().uri(path);
-    if let Some(cookie) = cookie {
-        request = request.header(COOKIE, format!("theme=dark; session={cookie}"));
-    }
-    app.clone()
-        .oneshot(request.body(Body::empty()).unwrap())
-        .await
-        .unwrap()
-}
-
-/// The session cookie's value from `Set-Cookie`, if the response sets one.
-fn set_cookie(response: &Response<Body>) -> Option<String> {
-    let header = response.headers().get(SET_COOKIE)?.to_str().unwrap();
-    let value = header.strip_prefix("session=")?.split(';').next().unwrap();
-    Some(value.to_owned())
-}
-
-async fn body(response: Response<Body>) -> String {
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    String::from_utf8(bytes.to_vec()).unwrap()
 }
 
 #[tokio::test]

@@ -4,7 +4,9 @@
 use std::future::Future;
 use std::time::{Duration, Instant, SystemTime};
 
-use session_core::{Record, SessionStore, StorageKey, StoreError, Version};
+use session_core::{
+    LoadedRecord, Record, SessionStore, StorageKey, StoreError, StoredEntry, Version,
+};
 
 use crate::new_key;
 
@@ -98,4 +100,85 @@ pub async fn load_once_reachable<S: SessionStore>(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("{what}: the store did not answer within two seconds");
+}
+
+/// What a [`MarkHooked`] store does in place of a plain `mark_moved`: for tests that delay,
+/// stall or lose an id cycle's mark.
+#[async_trait::async_trait]
+pub trait MarkHook: Send + Sync {
+    /// Runs instead of `inner.mark_moved(key, version, to, ttl)`; `inner` is the wrapped store.
+    async fn mark_moved(
+        &self,
+        inner: &(dyn SessionStore + 'static),
+        key: &StorageKey,
+        version: Version,
+        to: &StorageKey,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+}
+
+/// A store that forwards every call to `inner`, but `mark_moved`, which goes to `hook`.
+#[derive(Clone)]
+pub struct MarkHooked<S, H> {
+    /// The wrapped store.
+    pub inner: S,
+    /// What a mark does instead.
+    pub hook: H,
+}
+
+#[async_trait::async_trait]
+impl<S: SessionStore + 'static, H: MarkHook> SessionStore for MarkHooked<S, H> {
+    async fn create(&self, k: &StorageKey, r: &Record, t: Duration) -> Result<Version, StoreError> {
+        self.inner.create(k, r, t).await
+    }
+
+    async fn load_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
+        self.inner.load_entry(key).await
+    }
+
+    async fn load(&self, key: &StorageKey) -> Result<Option<LoadedRecord>, StoreError> {
+        self.inner.load(key).await
+    }
+
+    async fn save(
+        &self,
+        k: &StorageKey,
+        r: &Record,
+        t: Duration,
+        v: Version,
+    ) -> Result<Version, StoreError> {
+        self.inner.save(k, r, t, v).await
+    }
+
+    async fn mark_moved(
+        &self,
+        key: &StorageKey,
+        version: Version,
+        to: &StorageKey,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.hook
+            .mark_moved(&self.inner, key, version, to, ttl)
+            .await
+    }
+
+    async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
+        self.inner.touch(key, ttl).await
+    }
+
+    async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+
+    async fn delete_if_version(
+        &self,
+        key: &StorageKey,
+        version: Version,
+    ) -> Result<(), StoreError> {
+        self.inner.delete_if_version(key, version).await
+    }
+
+    fn max_record_size(&self) -> usize {
+        self.inner.max_record_size()
+    }
 }

@@ -867,6 +867,22 @@ impl Report {
 }
 
 impl<S: SessionStore + Clone + 'static> Harness<S> {
+    /// Runs one schedule, checks it into `report` and removes what it stored; whether every
+    /// invariant held.
+    async fn run_checked(
+        &self,
+        kinds: &[RequestKind],
+        chooser: &mut dyn Chooser,
+        report: &mut Report,
+    ) -> bool {
+        let run = self.run(kinds, chooser).await;
+        let checked = self.check(&run).await;
+        let held = checked.is_ok();
+        report.record(&run, checked);
+        self.clean_up(&run).await;
+        held
+    }
+
     /// Runs every schedule of `kinds` (until the first broken invariant).
     pub async fn explore_all(&self, kinds: &[RequestKind], report: &mut Report) {
         let mut prefix: Vec<(usize, usize)> = Vec::new();
@@ -875,12 +891,7 @@ impl<S: SessionStore + Clone + 'static> Harness<S> {
                 prefix: std::mem::take(&mut prefix),
                 taken: Vec::new(),
             };
-            let run = self.run(kinds, &mut chooser).await;
-            let checked = self.check(&run).await;
-            let broke = checked.is_err();
-            report.record(&run, checked);
-            self.clean_up(&run).await;
-            if broke {
+            if !self.run_checked(kinds, &mut chooser, report).await {
                 return;
             }
             prefix = chooser.taken;
@@ -911,12 +922,7 @@ impl<S: SessionStore + Clone + 'static> Harness<S> {
             let kinds: Vec<RequestKind> = (0..requests)
                 .map(|_| RequestKind::ALL[random.choose(RequestKind::ALL.len())])
                 .collect();
-            let run = self.run(&kinds, &mut random).await;
-            let checked = self.check(&run).await;
-            let broke = checked.is_err();
-            report.record(&run, checked);
-            self.clean_up(&run).await;
-            if broke {
+            if !self.run_checked(&kinds, &mut random, report).await {
                 return;
             }
         }
