@@ -2,8 +2,13 @@
 //!
 //! A stored record is a format byte ([`FORMAT_V1`]) followed by the record in bincode 2's
 //! standard configuration (through its serde support). Each session value inside a record is
-//! itself a bincode encoding of the application's serde type. Decoding is bounded (no
-//! allocation larger than [`DECODE_LIMIT`]) and must consume every byte.
+//! itself a bincode encoding of the application's serde type. Decoding must consume every
+//! byte and is bounded by its input: bincode allocates a string or byte buffer as soon as it
+//! reads its length prefix, so each decode runs under a claim limit of the smallest of
+//! 4 KiB, 64 KiB, 1 MiB, 16 MiB and [`DECODE_LIMIT`] that is at least the input's length (the
+//! strings and byte buffers of genuine bytes never add up to more than their input). A few
+//! hostile bytes claiming a 60 MiB string fail before anything is allocated. A stored entry
+//! is decoded only if it is within its store's record limit ([`decode_entry_within`]).
 //!
 //! A moved marker (what an id cycle leaves under the old key, see [`crate::store`]) is the
 //! format byte [`FORMAT_MOVED`] followed by the new storage key as ASCII text.
@@ -24,13 +29,13 @@ pub const FORMAT_V1: u8 = 1;
 /// The format byte of a moved marker: the entry's session now lives under another key.
 pub const FORMAT_MOVED: u8 = 0x80;
 
-/// The largest allocation a decode may make, in bytes.
+/// The largest claim limit of any decode, in bytes: the limit for inputs over 16 MiB.
 pub const DECODE_LIMIT: usize = 64 * 1024 * 1024;
 
-type CodecConfig = Configuration<LittleEndian, Varint, Limit<DECODE_LIMIT>>;
+type CodecConfig<const LIMIT: usize> = Configuration<LittleEndian, Varint, Limit<LIMIT>>;
 
-fn codec_config() -> CodecConfig {
-    config::standard().with_limit::<DECODE_LIMIT>()
+fn codec_config<const LIMIT: usize>() -> CodecConfig<LIMIT> {
+    config::standard().with_limit::<LIMIT>()
 }
 
 /// A record or value could not be encoded.
@@ -71,6 +76,13 @@ pub enum DecodeError {
         /// How many bytes were left over.
         count: usize,
     },
+    /// The stored bytes are longer than the store's record limit, so they were not decoded.
+    TooLarge {
+        /// How many bytes there were.
+        size: usize,
+        /// The store's record limit.
+        limit: usize,
+    },
 }
 
 impl fmt::Display for DecodeError {
@@ -82,6 +94,9 @@ impl fmt::Display for DecodeError {
             Self::TooShort { len } => write!(f, "only {len} bytes, too short to hold a record"),
             Self::BadMovedMarker => f.write_str("moved marker without a valid target key"),
             Self::TrailingBytes { count } => write!(f, "{count} bytes after the end of the value"),
+            Self::TooLarge { size, limit } => {
+                write!(f, "{size} stored bytes, over the record limit of {limit}")
+            }
         }
     }
 }
@@ -99,7 +114,8 @@ impl Error for DecodeError {
 pub fn encode_record(record: &Record) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::with_capacity(64);
     out.push(FORMAT_V1);
-    bincode::serde::encode_into_std_write(record, &mut out, codec_config()).map_err(EncodeError)?;
+    bincode::serde::encode_into_std_write(record, &mut out, codec_config::<DECODE_LIMIT>())
+        .map_err(EncodeError)?;
     Ok(out)
 }
 
@@ -120,7 +136,7 @@ pub fn encode_record_within(record: &Record, limit: usize) -> Result<Vec<u8>, cr
 /// The length [`encode_record`] would produce, computed without allocating.
 pub fn encoded_record_len(record: &Record) -> Result<usize, EncodeError> {
     let mut counter = bincode::enc::write::SizeWriter::default();
-    bincode::serde::encode_into_writer(record, &mut counter, codec_config())
+    bincode::serde::encode_into_writer(record, &mut counter, codec_config::<DECODE_LIMIT>())
         .map_err(EncodeError)?;
     Ok(1 + counter.bytes_written)
 }
@@ -157,6 +173,19 @@ pub fn is_moved_marker(bytes: &[u8]) -> bool {
     bytes.first() == Some(&FORMAT_MOVED)
 }
 
+/// Decodes the bytes a store holds into a record or a moved marker, refusing without decoding
+/// bytes longer than `limit`, the store's record limit
+/// ([`SessionStore::max_record_size`](crate::SessionStore::max_record_size)).
+pub fn decode_entry_within(bytes: &[u8], limit: usize) -> Result<DecodedEntry, DecodeError> {
+    if bytes.len() > limit {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            limit,
+        });
+    }
+    decode_entry(bytes)
+}
+
 /// Decodes stored bytes into a record or a moved marker.
 pub fn decode_entry(bytes: &[u8]) -> Result<DecodedEntry, DecodeError> {
     match bytes.split_first() {
@@ -171,7 +200,7 @@ pub fn decode_entry(bytes: &[u8]) -> Result<DecodedEntry, DecodeError> {
 
 /// Encodes one session value.
 pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeError> {
-    bincode::serde::encode_to_vec(value, codec_config()).map_err(EncodeError)
+    bincode::serde::encode_to_vec(value, codec_config::<DECODE_LIMIT>()).map_err(EncodeError)
 }
 
 /// Decodes one session value as `T`.
@@ -179,9 +208,24 @@ pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError>
     decode_exact(bytes)
 }
 
+/// Decodes all of `bytes` as `T` under the claim limit of its length's tier (see the
+/// [module documentation](self)).
 fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    let (value, read) =
-        bincode::serde::decode_from_slice(bytes, codec_config()).map_err(DecodeError::Malformed)?;
+    const KIB: usize = 1024;
+    match bytes.len() {
+        len if len <= 4 * KIB => decode_exact_within::<T, { 4 * KIB }>(bytes),
+        len if len <= 64 * KIB => decode_exact_within::<T, { 64 * KIB }>(bytes),
+        len if len <= KIB * KIB => decode_exact_within::<T, { KIB * KIB }>(bytes),
+        len if len <= 16 * KIB * KIB => decode_exact_within::<T, { 16 * KIB * KIB }>(bytes),
+        _ => decode_exact_within::<T, DECODE_LIMIT>(bytes),
+    }
+}
+
+fn decode_exact_within<T: DeserializeOwned, const LIMIT: usize>(
+    bytes: &[u8],
+) -> Result<T, DecodeError> {
+    let (value, read) = bincode::serde::decode_from_slice(bytes, codec_config::<LIMIT>())
+        .map_err(DecodeError::Malformed)?;
     if read != bytes.len() {
         return Err(DecodeError::TrailingBytes {
             count: bytes.len() - read,
@@ -236,6 +280,30 @@ mod tests {
             FORMAT_V1, 0, 0, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
         ];
         assert!(decode_record(&huge).is_err());
+    }
+
+    #[test]
+    fn genuine_records_decode_at_every_size_tier() {
+        // A record whose one value fills nearly the whole input, just under and over each
+        // tier's limit: the claim limit never refuses genuine bytes.
+        for size in [10, 4000, 4200, 65_000, 66_000, 1_040_000, 1_050_000] {
+            let mut record = Record::new(SystemTime::now());
+            record.set_value("v", encode_value(&"x".repeat(size)).unwrap());
+            let bytes = encode_record(&record).unwrap();
+            assert_eq!(decode_record(&bytes).unwrap(), record, "{size}");
+            let value: String = decode_value(record.value("v").unwrap()).unwrap();
+            assert_eq!(value.len(), size);
+        }
+    }
+
+    #[test]
+    fn entries_over_the_store_limit_are_refused_before_decoding() {
+        let bytes = encode_record(&sample()).unwrap();
+        assert!(decode_entry_within(&bytes, bytes.len()).is_ok());
+        assert!(matches!(
+            decode_entry_within(&bytes, bytes.len() - 1),
+            Err(DecodeError::TooLarge { size, limit }) if size == bytes.len() && limit == size - 1
+        ));
     }
 
     #[test]

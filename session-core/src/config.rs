@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use crate::error::ConfigError;
-use crate::id::KeyPrefix;
+use crate::id::{KeyPrefix, StorageKey};
 use crate::signing::KeyRing;
-use crate::store::{MAX_TTL, MIN_TTL};
+use crate::store::{MAX_TTL, MIN_TTL, SessionStore};
 
 /// The `SameSite` attribute of the session cookie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,7 +14,8 @@ pub enum SameSite {
     Strict,
     /// Sent with same-site requests and top-level cross-site navigations (the default).
     Lax,
-    /// Sent with every request; browsers require `Secure` with it.
+    /// Sent with every request, cross-site ones included (embedded content); browsers
+    /// require `Secure` with it, and the configuration refuses it without.
     None,
 }
 
@@ -58,10 +59,12 @@ pub struct CookieConfig {
     pub(crate) http_only: bool,
     pub(crate) same_site: SameSite,
     pub(crate) persistent: bool,
+    pub(crate) partitioned: bool,
 }
 
 impl Default for CookieConfig {
-    /// Name `session`, `Path=/`, no `Domain`, `Secure`, `HttpOnly`, `SameSite=Lax`, persistent.
+    /// Name `session`, `Path=/`, no `Domain`, `Secure`, `HttpOnly`, `SameSite=Lax`, persistent,
+    /// not `Partitioned`.
     fn default() -> Self {
         Self {
             name: "session".to_owned(),
@@ -71,12 +74,16 @@ impl Default for CookieConfig {
             http_only: true,
             same_site: SameSite::Lax,
             persistent: true,
+            partitioned: false,
         }
     }
 }
 
 impl CookieConfig {
-    /// Sets the cookie's name (an RFC 6265 token).
+    /// Sets the cookie's name (an RFC 6265 token). A name starting with `__Host-` (the
+    /// strongest choice: browsers then accept the cookie only with `Secure`, `Path=/` and no
+    /// `Domain`, so a sibling subdomain cannot plant or overwrite it) or `__Secure-` (only with
+    /// `Secure`) is checked against its prefix's rules.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self
@@ -121,9 +128,47 @@ impl CookieConfig {
         self
     }
 
+    /// Sets the `Partitioned` attribute (CHIPS: a cookie kept per top-level site, for a session
+    /// inside third-party iframes; off by default). Browsers require `Secure` with it.
+    pub fn partitioned(mut self, partitioned: bool) -> Self {
+        self.partitioned = partitioned;
+        self
+    }
+
     /// The cookie's name.
     pub fn cookie_name(&self) -> &str {
         &self.name
+    }
+
+    /// Checks the rules browsers enforce by silently dropping the cookie.
+    fn validate_browser_rules(&self) -> Result<(), ConfigError> {
+        let broken = |rule| Err(ConfigError::CookieRule { rule });
+        let has_prefix = |prefix: &str| {
+            self.name
+                .get(..prefix.len())
+                .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+        };
+        if self.same_site == SameSite::None && !self.secure {
+            return broken("SameSite=None requires Secure");
+        }
+        if self.partitioned && !self.secure {
+            return broken("Partitioned requires Secure");
+        }
+        if has_prefix("__Secure-") && !self.secure {
+            return broken("a __Secure- cookie requires Secure");
+        }
+        if has_prefix("__Host-") {
+            if !self.secure {
+                return broken("a __Host- cookie requires Secure");
+            }
+            if self.path != "/" {
+                return broken("a __Host- cookie requires Path=/");
+            }
+            if self.domain.is_some() {
+                return broken("a __Host- cookie must not have a Domain");
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -145,7 +190,7 @@ impl CookieConfig {
                 attribute: "domain",
             });
         }
-        Ok(())
+        self.validate_browser_rules()
     }
 }
 
@@ -271,6 +316,27 @@ impl SessionConfig {
     pub(crate) fn effective_touch_threshold(&self) -> Duration {
         self.touch_threshold
             .unwrap_or((self.idle_timeout / 2).max(MIN_TTL))
+    }
+
+    /// Checks the configuration against itself and against the limits of `store`.
+    pub(crate) fn validate_for(&self, store: &dyn SessionStore) -> Result<(), ConfigError> {
+        self.validate()?;
+        let key_len = self.key_prefix.as_str().len() + StorageKey::HASH_TEXT_LEN;
+        if let Some(limit) = store.max_key_len()
+            && key_len > limit
+        {
+            return Err(ConfigError::KeyTooLong {
+                len: key_len,
+                limit,
+            });
+        }
+        if self.max_encoded_size > store.max_record_size() {
+            return Err(ConfigError::MaxEncodedSizeOverStoreLimit {
+                max_encoded_size: self.max_encoded_size,
+                store_limit: store.max_record_size(),
+            });
+        }
+        Ok(())
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
@@ -401,5 +467,57 @@ mod tests {
                 .validate()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn cookie_settings_browsers_would_drop_are_refused_naming_the_rule() {
+        let refused = |cookie: CookieConfig| match config().cookie(cookie).validate() {
+            Err(ConfigError::CookieRule { rule }) => rule,
+            other => panic!("expected a cookie rule error, got {other:?}"),
+        };
+        let plain = || CookieConfig::default().secure(false);
+        assert_eq!(
+            refused(plain().same_site(SameSite::None)),
+            "SameSite=None requires Secure"
+        );
+        assert_eq!(
+            refused(plain().partitioned(true)),
+            "Partitioned requires Secure"
+        );
+        assert_eq!(
+            refused(plain().name("__Secure-sid")),
+            "a __Secure- cookie requires Secure"
+        );
+        assert_eq!(
+            refused(plain().name("__host-sid")),
+            "a __Host- cookie requires Secure"
+        );
+        let host = || CookieConfig::default().name("__Host-sid");
+        assert_eq!(
+            refused(host().path("/app")),
+            "a __Host- cookie requires Path=/"
+        );
+        assert_eq!(
+            refused(host().domain(Some("example.com".into()))),
+            "a __Host- cookie must not have a Domain"
+        );
+        let message = config()
+            .cookie(plain().same_site(SameSite::None))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("SameSite=None requires Secure"),
+            "{message}"
+        );
+        for fine in [
+            CookieConfig::default().same_site(SameSite::None),
+            CookieConfig::default().partitioned(true),
+            host(),
+            CookieConfig::default().name("__Secure-sid").path("/app"),
+            plain(),
+        ] {
+            assert!(config().cookie(fine).validate().is_ok());
+        }
     }
 }

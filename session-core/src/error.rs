@@ -80,6 +80,29 @@ pub enum ConfigError {
     },
     /// The maximum encoded size is zero.
     ZeroMaxEncodedSize,
+    /// A cookie setting breaks a rule browsers enforce by dropping the cookie (so every
+    /// request would be anonymous): `SameSite=None` or `Partitioned` without `Secure`, or a
+    /// `__Secure-` / `__Host-` name prefix whose conditions are not met.
+    CookieRule {
+        /// The rule broken, as browsers state it.
+        rule: &'static str,
+    },
+    /// Storage keys (the key prefix plus 43 characters) would be longer than the store can
+    /// hold, so every request would fail.
+    KeyTooLong {
+        /// The length of a storage key with this prefix.
+        len: usize,
+        /// The store's limit ([`SessionStore::max_key_len`](crate::SessionStore::max_key_len)).
+        limit: usize,
+    },
+    /// The manager's maximum encoded size is above the store's record limit: sessions in
+    /// between would be accepted by the manager and refused by the store.
+    MaxEncodedSizeOverStoreLimit {
+        /// The manager's maximum encoded size.
+        max_encoded_size: usize,
+        /// The store's limit ([`SessionStore::max_record_size`](crate::SessionStore::max_record_size)).
+        store_limit: usize,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -102,6 +125,18 @@ impl fmt::Display for ConfigError {
                 write!(f, "the cookie {attribute} contains forbidden characters")
             }
             Self::ZeroMaxEncodedSize => f.write_str("the maximum encoded size must be above zero"),
+            Self::CookieRule { rule } => write!(f, "cookie setting refused: {rule}"),
+            Self::KeyTooLong { len, limit } => write!(
+                f,
+                "storage keys of {len} bytes exceed the store's key limit of {limit}: shorten the key prefix"
+            ),
+            Self::MaxEncodedSizeOverStoreLimit {
+                max_encoded_size,
+                store_limit,
+            } => write!(
+                f,
+                "the maximum encoded size of {max_encoded_size} bytes exceeds the store's record limit of {store_limit}"
+            ),
         }
     }
 }

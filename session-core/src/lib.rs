@@ -20,6 +20,7 @@
 
 pub mod codec;
 mod config;
+pub mod csrf;
 mod error;
 mod id;
 mod manager;

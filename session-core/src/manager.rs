@@ -35,6 +35,8 @@ pub struct CookieDirective {
     pub http_only: bool,
     /// `SameSite`.
     pub same_site: SameSite,
+    /// `Partitioned`.
+    pub partitioned: bool,
 }
 
 impl CookieDirective {
@@ -43,30 +45,33 @@ impl CookieDirective {
         self.value.is_empty()
     }
 
-    /// The directive as the value of a `Set-Cookie` header.
+    /// The directive as the value of a `Set-Cookie` header (formatted by the `cookie` crate;
+    /// a removal carries `Max-Age=0` and an `Expires` in 1970 for old clients).
     pub fn to_header_value(&self) -> String {
-        let mut out = format!("{}={}", self.name, self.value);
+        use cookie::time::{Duration as CookieDuration, OffsetDateTime};
+        let mut built = cookie::Cookie::build((self.name.as_str(), self.value.as_str()))
+            .path(self.path.as_str())
+            .secure(self.secure)
+            .http_only(self.http_only)
+            .same_site(match self.same_site {
+                SameSite::Strict => cookie::SameSite::Strict,
+                SameSite::Lax => cookie::SameSite::Lax,
+                SameSite::None => cookie::SameSite::None,
+            });
+        if self.partitioned {
+            built = built.partitioned(true);
+        }
+        if let Some(domain) = &self.domain {
+            built = built.domain(domain.as_str());
+        }
         if let Some(max_age) = self.max_age {
-            out.push_str(&format!("; Max-Age={}", max_age.as_secs()));
+            let seconds = i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX);
+            built = built.max_age(CookieDuration::seconds(seconds));
             if self.is_removal() {
-                out.push_str("; Expires=Thu, 01 Jan 1970 00:00:00 GMT");
+                built = built.expires(OffsetDateTime::UNIX_EPOCH);
             }
         }
-        out.push_str("; Path=");
-        out.push_str(&self.path);
-        if let Some(domain) = &self.domain {
-            out.push_str("; Domain=");
-            out.push_str(domain);
-        }
-        if self.secure {
-            out.push_str("; Secure");
-        }
-        if self.http_only {
-            out.push_str("; HttpOnly");
-        }
-        out.push_str("; SameSite=");
-        out.push_str(self.same_site.as_str());
-        out
+        built.build().to_string()
     }
 }
 
@@ -96,12 +101,15 @@ pub fn find_cookie<'a>(cookie_header: &'a str, name: &str) -> Option<&'a str> {
 /// The values of every cookie named `name` in a `Cookie` request header, in order. A browser
 /// sends several when cookies of the same name were set for different paths or domains (a
 /// sibling subdomain can plant one); pass them all to
-/// [`SessionManager::first_valid_cookie`].
+/// [`SessionManager::first_valid_cookie`]. Parsing is lenient (by the `cookie` crate): a
+/// malformed pair is skipped, never the whole header.
 pub fn find_cookies<'a>(cookie_header: &'a str, name: &str) -> impl Iterator<Item = &'a str> {
-    cookie_header.split(';').filter_map(move |pair| {
-        let (key, value) = pair.trim().split_once('=')?;
-        (key == name).then(|| value.trim_matches('"'))
-    })
+    cookie::Cookie::split_parse(cookie_header)
+        .filter_map(move |parsed| {
+            let parsed = parsed.ok()?;
+            (parsed.name_raw()? == name).then(|| parsed.value_raw())?
+        })
+        .map(|value| value.trim_matches('"'))
 }
 
 /// What a commit did.
@@ -230,8 +238,13 @@ impl fmt::Debug for SessionManager {
 
 impl SessionManager {
     /// Checks `config` and builds a manager over `store`.
+    ///
+    /// Besides its own rules, the configuration must fit the store: storage keys within
+    /// [`SessionStore::max_key_len`] and a
+    /// [`max_encoded_size`](SessionConfig::max_encoded_size) within
+    /// [`SessionStore::max_record_size`].
     pub fn new(store: Arc<dyn SessionStore>, config: SessionConfig) -> Result<Self, ConfigError> {
-        config.validate()?;
+        config.validate_for(&*store)?;
         Ok(Self {
             store,
             config: Arc::new(config),
@@ -253,6 +266,28 @@ impl SessionManager {
     /// session ended while the request ran (see [`CommitOutcome::lost_changes`]).
     pub fn lost_writes(&self) -> u64 {
         self.lost_writes.load(Ordering::Relaxed)
+    }
+
+    /// The session cookie among a request's `Cookie` headers, given as raw bytes (a header with
+    /// bytes outside ASCII, which a sibling subdomain can plant, does not hide the session
+    /// cookie): of every cookie with the session's name, the first one this manager signed,
+    /// else the first one (which [`load`](Self::load) treats as invalid without a store call).
+    pub fn request_cookie<'a>(
+        &self,
+        cookie_headers: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Option<String> {
+        let name = &self.config.cookie.name;
+        let headers: Vec<std::borrow::Cow<'a, str>> = cookie_headers
+            .into_iter()
+            .map(String::from_utf8_lossy)
+            .collect();
+        let candidates: Vec<&str> = headers
+            .iter()
+            .flat_map(|header| find_cookies(header, name))
+            .collect();
+        self.first_valid_cookie(candidates.iter().copied())
+            .or(candidates.first().copied())
+            .map(str::to_owned)
     }
 
     /// The first of `candidates` that is a cookie value this manager signed (no store call),
@@ -280,6 +315,17 @@ impl SessionManager {
         else {
             return Ok(self.fresh(now));
         };
+        let mut session = self.load_verified(verified, now).await?;
+        session.had_valid_cookie = true;
+        Ok(session)
+    }
+
+    /// Loads the session of a cookie that verified.
+    async fn load_verified(
+        &self,
+        verified: crate::signing::VerifiedCookie,
+        now: SystemTime,
+    ) -> Result<Session, SessionError> {
         let key = StorageKey::derive(&self.config.key_prefix, &verified.id);
         let loaded = match self.load_latest(&key).await? {
             None => return Ok(self.fresh(now)),
@@ -714,12 +760,17 @@ impl SessionManager {
             // is cleared.
             Origin::Moved | Origin::Fresh => CommitStatus::Anonymous,
         };
+        let had_valid_cookie = session.had_valid_cookie;
         if !session.record.is_empty() {
             let mut record = self.new_record(now);
             session.replay_onto(&mut record, SameKeyConflict::LastWriterWins)?;
             return self.create_new(&record, now, CommitStatus::Created).await;
         }
-        Ok(CommitOutcome::new(status, Some(self.removal_cookie())))
+        // No removal for a request that came without a valid cookie: there is nothing of ours
+        // to clear, and a removal in answer to a cross-site request (which carries no
+        // `SameSite=Lax` cookie) would let any site log the user out.
+        let removal = had_valid_cookie.then(|| self.removal_cookie());
+        Ok(CommitOutcome::new(status, removal))
     }
 
     /// Ends the session loaded under `key` at `version`: deletes it only at the version last
@@ -921,6 +972,7 @@ impl SessionManager {
             secure: cookie.secure,
             http_only: cookie.http_only,
             same_site: cookie.same_site,
+            partitioned: cookie.partitioned,
         }
     }
 }

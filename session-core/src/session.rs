@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 
 use crate::codec;
 use crate::config::SameKeyConflict;
+use crate::csrf;
 use crate::error::SessionError;
 use crate::id::{SessionId, StorageKey};
 use crate::record::Record;
@@ -91,7 +92,7 @@ struct KeyChange {
 ///   [`SessionError::ConcurrentModification`] and writes nothing;
 /// - values only the other request changed are kept.
 ///
-/// `Debug` shows value names, never value bytes.
+/// `Debug` shows value names and sizes, never value bytes.
 pub struct Session {
     pub(crate) origin: Origin,
     pub(crate) record: Record,
@@ -99,6 +100,9 @@ pub struct Session {
     cleared: bool,
     pub(crate) cycle_requested: bool,
     pub(crate) destroyed: bool,
+    /// Whether the request came with a cookie this manager signed (the session may still be
+    /// fresh: expired or unknown). Only then does a `destroy` send a removal cookie.
+    pub(crate) had_valid_cookie: bool,
 }
 
 impl fmt::Debug for Session {
@@ -110,7 +114,7 @@ impl fmt::Debug for Session {
         };
         f.debug_struct("Session")
             .field("origin", &origin)
-            .field("names", &self.record.names().collect::<Vec<_>>())
+            .field("values", &self.record)
             .field("changed", &self.changes.keys().collect::<Vec<_>>())
             .field("cleared", &self.cleared)
             .field("cycle_requested", &self.cycle_requested)
@@ -128,6 +132,7 @@ impl Session {
             cleared: false,
             cycle_requested: false,
             destroyed: false,
+            had_valid_cookie: false,
         }
     }
 
@@ -257,8 +262,38 @@ impl Session {
 
     /// Gives the session a new id on commit, keeping its values; the old id stops working.
     /// Call it after login and after any change of privilege.
+    ///
+    /// It also removes the session's CSRF token ([`csrf`](crate::csrf)), so that the new id
+    /// gets a new token: forms rendered before a login stop being accepted after it.
     pub fn cycle_id(&mut self) {
         self.cycle_requested = true;
+        self.remove(csrf::TOKEN_VALUE_NAME);
+    }
+
+    /// The session's CSRF token, masked afresh for this response (see [`csrf`](crate::csrf)),
+    /// for a hidden form field or a header. The first call on a session without a token makes
+    /// one, which is a change: an anonymous session is then created.
+    pub fn csrf_token(&mut self) -> Result<String, SessionError> {
+        let token = match self.get::<csrf::Token>(csrf::TOKEN_VALUE_NAME) {
+            Ok(Some(token)) => token,
+            // A value under the reserved name that is not a token is replaced.
+            Ok(None) | Err(SessionError::DecodeValue { .. }) => {
+                let token = csrf::new_token().map_err(SessionError::Randomness)?;
+                self.insert(csrf::TOKEN_VALUE_NAME, &token)?;
+                token
+            }
+            Err(other) => return Err(other),
+        };
+        csrf::mask(&token).map_err(SessionError::Randomness)
+    }
+
+    /// Whether `submitted` is a masked form of this session's CSRF token; `false` when the
+    /// session has none (a request that never saw a page of this session).
+    pub fn verify_csrf_token(&self, submitted: &str) -> bool {
+        matches!(
+            self.get::<csrf::Token>(csrf::TOKEN_VALUE_NAME),
+            Ok(Some(token)) if csrf::matches(&token, submitted)
+        )
     }
 
     /// Ends the session: on commit it is deleted and the cookie cleared. Values inserted after
@@ -269,6 +304,11 @@ impl Session {
         self.record.clear_values();
         self.changes.clear();
         self.cleared = false;
+    }
+
+    /// Whether [`destroy`](Self::destroy) was called.
+    pub fn is_destroyed(&self) -> bool {
+        self.destroyed
     }
 
     /// Whether this request changed any value.

@@ -1,14 +1,24 @@
 //! Signing keys, the key ring and the signed cookie value `<id>.<tag>`.
 //!
 //! The tag is HMAC-SHA256 over the cookie name, a zero byte and the id's 16 bytes, written as
-//! base64url without padding. Parsing is strict (exact length, exact alphabet, canonical
-//! base64, nothing after the tag) and happens before any MAC work; verification compares in
-//! constant time.
+//! base64url without padding. The MAC key is not the configured secret itself but one derived
+//! from it with HKDF-SHA256 and the purpose label [`MAC_KEY_LABEL`], so a secret that also
+//! serves another purpose (a migrated tornado `cookie_secret` that signs XSRF tokens too)
+//! cannot be used to forge session cookies through that other use, or the other way round.
+//! Parsing is strict (exact length, exact alphabet, canonical base64, nothing after the tag)
+//! and happens before any MAC work; verification compares in constant time.
+//!
+//! Versions before 0.2 used the secret as the MAC key directly. To upgrade without logging
+//! everyone out, build the keys with [`SigningKey::accept_legacy_tags`] for one cookie
+//! lifetime (the idle timeout plus the cookie's extra idle timeout, or the absolute timeout):
+//! cookies with a legacy tag verify and are re-signed with the derived key on their next
+//! response. Nothing is ever signed with the raw secret.
 
 use std::fmt;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hkdf::Hkdf;
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
@@ -17,6 +27,9 @@ use crate::id::{SESSION_ID_LEN, SESSION_ID_TEXT_LEN, SessionId};
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// The HKDF `info` label the cookie MAC key is derived with: the key's one purpose.
+pub const MAC_KEY_LABEL: &[u8] = b"session-core/v1 cookie tag: HMAC-SHA256(name || 0 || id)";
+
 /// Length of the tag's text form (32 bytes as base64url without padding).
 const TAG_TEXT_LEN: usize = 43;
 /// Length of a whole cookie value: id, dot, tag.
@@ -24,11 +37,15 @@ pub(crate) const COOKIE_VALUE_LEN: usize = SESSION_ID_TEXT_LEN + 1 + TAG_TEXT_LE
 
 /// A secret key for signing session cookies: at least [`SigningKey::MIN_LEN`] bytes.
 ///
-/// `Debug` never shows the key's bytes.
+/// The MAC key is derived from the secret (HKDF-SHA256, label [`MAC_KEY_LABEL`]); see the
+/// [module documentation](self). `Debug` never shows the key's bytes.
 #[derive(Clone)]
 pub struct SigningKey {
-    /// HMAC state with the key already absorbed; cloned for every signature.
+    /// HMAC state with the derived key already absorbed; cloned for every signature.
     mac: HmacSha256,
+    /// HMAC state keyed with the raw secret, kept only to verify the tags of versions before
+    /// 0.2 during a migration ([`SigningKey::accept_legacy_tags`]); never used to sign.
+    legacy: Option<HmacSha256>,
 }
 
 impl SigningKey {
@@ -45,11 +62,23 @@ impl SigningKey {
                 min: Self::MIN_LEN,
             });
         }
-        let mac = HmacSha256::new_from_slice(secret).map_err(|_| KeyError::TooShort {
-            len: secret.len(),
-            min: Self::MIN_LEN,
-        })?;
-        Ok(Self { mac })
+        let mut derived = [0u8; 32];
+        Hkdf::<Sha256>::new(None, secret)
+            .expand(MAC_KEY_LABEL, &mut derived)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        Ok(Self {
+            mac: hmac_with(&derived),
+            legacy: None,
+        })
+    }
+
+    /// Also accepts cookies whose tag was made with the raw secret as the MAC key (versions
+    /// before 0.2), so that upgrading does not log everyone out; they verify as needing a
+    /// re-signature and get a cookie signed with the derived key on their next response.
+    /// Keep it for one cookie lifetime after the upgrade, then remove it.
+    pub fn accept_legacy_tags(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.legacy = Some(hmac_with(secret.as_ref()));
+        self
     }
 
     /// Draws a fresh random 32-byte key from the operating system's CSPRNG.
@@ -62,12 +91,29 @@ impl SigningKey {
     }
 
     fn tag(&self, cookie_name: &str, id: &[u8; SESSION_ID_LEN]) -> HmacSha256 {
-        let mut mac = self.mac.clone();
-        mac.update(cookie_name.as_bytes());
-        mac.update(&[0]);
-        mac.update(id);
-        mac
+        tag_with(&self.mac, cookie_name, id)
     }
+
+    /// Whether `tag` is the legacy (raw-secret) tag of `id`, when legacy tags are accepted.
+    fn verifies_legacy(&self, cookie_name: &str, id: &[u8; SESSION_ID_LEN], tag: &[u8]) -> bool {
+        self.legacy
+            .as_ref()
+            .is_some_and(|legacy| tag_with(legacy, cookie_name, id).verify_slice(tag).is_ok())
+    }
+}
+
+/// An HMAC-SHA256 state keyed with `key` (HMAC takes keys of any length).
+fn hmac_with(key: &[u8]) -> HmacSha256 {
+    HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length")
+}
+
+/// The MAC of `cookie_name`, a zero byte and `id` under the keyed state `mac`.
+fn tag_with(mac: &HmacSha256, cookie_name: &str, id: &[u8; SESSION_ID_LEN]) -> HmacSha256 {
+    let mut mac = mac.clone();
+    mac.update(cookie_name.as_bytes());
+    mac.update(&[0]);
+    mac.update(id);
+    mac
 }
 
 impl fmt::Debug for SigningKey {
@@ -156,13 +202,24 @@ impl KeyRing {
         }
         let id = decode_exact::<SESSION_ID_LEN>(&bytes[..SESSION_ID_TEXT_LEN])?;
         let tag = decode_exact::<32>(&bytes[SESSION_ID_TEXT_LEN + 1..])?;
-        let index = self
+        let current = self
             .keys
             .iter()
-            .position(|key| key.tag(cookie_name, &id).verify_slice(&tag).is_ok())?;
+            .position(|key| key.tag(cookie_name, &id).verify_slice(&tag).is_ok());
+        let needs_resign = match current {
+            Some(index) => index != 0,
+            None if self
+                .keys
+                .iter()
+                .any(|key| key.verifies_legacy(cookie_name, &id, &tag)) =>
+            {
+                true
+            }
+            None => return None,
+        };
         Some(VerifiedCookie {
             id: SessionId::from_verified_bytes(id),
-            needs_resign: index != 0,
+            needs_resign,
         })
     }
 }
@@ -243,6 +300,49 @@ mod tests {
         assert_eq!(verified.id, id);
         assert!(verified.needs_resign);
         assert!(removed.verify("sid", &value).is_none());
+    }
+
+    /// The tag a version before 0.2 made: HMAC keyed with the raw secret.
+    fn legacy_value(secret: &[u8], name: &str, id: &SessionId) -> String {
+        let tag = tag_with(&hmac_with(secret), name, id.as_bytes())
+            .finalize()
+            .into_bytes();
+        format!("{}.{}", id.encode_text(), URL_SAFE_NO_PAD.encode(tag))
+    }
+
+    #[test]
+    fn the_mac_key_is_derived_not_the_raw_secret() {
+        let secret = [1u8; 32];
+        let ring = KeyRing::single(key(1));
+        let id = SessionId::generate().unwrap();
+        let legacy = legacy_value(&secret, "sid", &id);
+        // A tag made with the raw secret (another use of the same secret, or an old version)
+        // does not verify, and the ring's own tag is not the raw-secret HMAC.
+        assert!(ring.verify("sid", &legacy).is_none());
+        assert_ne!(ring.sign("sid", &id), legacy);
+        // The derived key is HKDF-SHA256(secret, info = MAC_KEY_LABEL).
+        let mut derived = [0u8; 32];
+        Hkdf::<Sha256>::new(None, &secret)
+            .expand(MAC_KEY_LABEL, &mut derived)
+            .unwrap();
+        assert_eq!(ring.sign("sid", &id), legacy_value(&derived, "sid", &id));
+    }
+
+    #[test]
+    fn legacy_tags_verify_only_during_a_migration_and_ask_for_resigning() {
+        let secret = [1u8; 32];
+        let id = SessionId::generate().unwrap();
+        let legacy = legacy_value(&secret, "sid", &id);
+        let migrating = KeyRing::single(key(1).accept_legacy_tags(secret));
+        let verified = migrating.verify("sid", &legacy).unwrap();
+        assert_eq!(verified.id, id);
+        assert!(verified.needs_resign);
+        // New signatures use the derived key, which verifies without re-signing.
+        let fresh = migrating.sign("sid", &id);
+        assert_ne!(fresh, legacy);
+        assert!(!migrating.verify("sid", &fresh).unwrap().needs_resign);
+        // The legacy tag binds the cookie name too.
+        assert!(migrating.verify("other", &legacy).is_none());
     }
 
     #[test]

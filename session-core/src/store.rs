@@ -127,6 +127,7 @@
 //!         match guard.1.get(key) {
 //!             Some((bytes, version, expiry)) if *expiry > now => Ok(Some(StoredEntry::decode(
 //!                 bytes,
+//!                 64 * 1024,
 //!                 Version::new(*version),
 //!                 Some(*expiry - now),
 //!             )?)),
@@ -208,7 +209,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::codec::{DecodedEntry, decode_entry};
+use crate::codec::{DecodedEntry, decode_entry_within};
 use crate::error::StoreError;
 use crate::id::StorageKey;
 use crate::record::Record;
@@ -272,12 +273,15 @@ pub enum StoredEntry {
 impl StoredEntry {
     /// Builds the entry from stored bytes (a record or a moved marker, see the
     /// [codec](crate::codec)) with the version and time left the backend reports; for stores.
+    /// Bytes longer than `max_record_size` (the store's own limit: something else wrote them)
+    /// are refused without decoding.
     pub fn decode(
         bytes: &[u8],
+        max_record_size: usize,
         version: Version,
         expires_in: Option<Duration>,
     ) -> Result<Self, StoreError> {
-        Ok(match decode_entry(bytes)? {
+        Ok(match decode_entry_within(bytes, max_record_size)? {
             DecodedEntry::Record(record) => Self::Session(LoadedRecord {
                 record,
                 version,
@@ -349,8 +353,17 @@ pub trait SessionStore: Send + Sync {
     async fn delete_if_version(&self, key: &StorageKey, version: Version)
     -> Result<(), StoreError>;
 
-    /// The largest encoded record this store accepts, in bytes.
+    /// The largest encoded record this store accepts, in bytes. The manager refuses a
+    /// [`max_encoded_size`](crate::SessionConfig::max_encoded_size) above it, and entries longer
+    /// than it are not decoded.
     fn max_record_size(&self) -> usize;
+
+    /// The longest [`StorageKey`] this store can hold, in bytes, after anything the store adds
+    /// to it (its own prefix); `None` when keys of any length the manager makes fit (the
+    /// default). The manager refuses a key prefix that would make keys longer.
+    fn max_key_len(&self) -> Option<usize> {
+        None
+    }
 }
 
 macro_rules! forward_store {
@@ -388,6 +401,9 @@ macro_rules! forward_store {
             }
             fn max_record_size(&self) -> usize {
                 (**self).max_record_size()
+            }
+            fn max_key_len(&self) -> Option<usize> {
+                (**self).max_key_len()
             }
         }
     )+};

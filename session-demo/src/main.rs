@@ -1,6 +1,12 @@
 //! The demo web application: a page that counts the visitor's visits, a login form (any user
 //! name; logging in cycles the session id), a page only a logged-in user can see, and logout.
 //!
+//! An anonymous page view creates no session (a flood of cookieless requests must not fill the
+//! store): the first session starts at the login form, which needs one for its CSRF token;
+//! from then on the home page counts visits in it. Login and logout are posts checked by
+//! [`CsrfLayer`]: a form auto-posted from another site can neither log the user out nor log
+//! them in to someone else's account.
+//!
 //! Configuration, all from the environment:
 //! - `SESSION_STORE_URL`: `memory://` (the default), `memcached://host:port[,host:port]...`,
 //!   `redis://...`, `rediss://...` or `redis+cluster://...`;
@@ -28,7 +34,7 @@ use session_core::{
 use session_memcached::MemcachedStore;
 use session_memory::MemoryStore;
 use session_redis::RedisStore;
-use session_tower::{LostWrites, Session, SessionFailure, SessionLayer};
+use session_tower::{CsrfLayer, LostWrites, Session, SessionFailure, SessionLayer};
 
 /// Builds the store a `SESSION_STORE_URL` names.
 async fn store_from_url(url: &str) -> Result<Arc<dyn SessionStore>, Box<dyn Error>> {
@@ -69,6 +75,7 @@ fn app(manager: SessionManager) -> Router {
         .route("/login", get(login_form).post(login))
         .route("/private", get(private))
         .route("/logout", axum::routing::post(logout))
+        .layer(CsrfLayer::new())
         .layer(SessionLayer::new(manager).lost_writes(LostWrites::Respond(StatusCode::CONFLICT)))
         .layer(axum::middleware::map_response(no_store))
 }
@@ -105,28 +112,50 @@ fn page(title: &str, body: &str) -> Html<String> {
 }
 
 async fn home(session: Session) -> Result<Html<String>, SessionFailure> {
+    // Visits are counted only in a session that exists: a page view must not create one.
     // An update, not get + insert: if the browser loads two pages at once, both visits count.
-    let visits = session
-        .update("visits", |n: Option<u64>| n.unwrap_or(0) + 1)
-        .await?;
+    let anonymous = session.is_new().await?;
+    let visits = if anonymous {
+        0
+    } else {
+        session
+            .update("visits", |n: Option<u64>| n.unwrap_or(0) + 1)
+            .await?
+    };
     let user: Option<String> = session.get("user").await?;
     let who = match user {
         Some(user) => format!("<p id=\"user\">{}</p>", escape(&user)),
         None => "<p id=\"user\">anonymous</p>".to_owned(),
     };
+    let note = if anonymous {
+        "<p>Visits are counted once you have a session; the login form starts one.</p>"
+    } else {
+        ""
+    };
     Ok(page(
         "Visits",
-        &format!("<p>Visits: <span id=\"visits\">{visits}</span></p>{who}"),
+        &format!("<p>Visits: <span id=\"visits\">{visits}</span></p>{note}{who}"),
     ))
 }
 
-async fn login_form() -> Html<String> {
-    page(
+/// The hidden form field carrying the session's CSRF token, masked for this response.
+async fn csrf_field(session: &Session) -> Result<String, SessionFailure> {
+    let token = session.csrf_token().await?;
+    Ok(format!(
+        "<input type=\"hidden\" name=\"csrf_token\" value=\"{token}\">"
+    ))
+}
+
+async fn login_form(session: Session) -> Result<Html<String>, SessionFailure> {
+    let csrf = csrf_field(&session).await?;
+    Ok(page(
         "Log in",
-        "<form method=\"post\" action=\"/login\">\
-         <label>User name <input id=\"username\" name=\"username\" required></label>\
-         <button id=\"login\" type=\"submit\">Log in</button></form>",
-    )
+        &format!(
+            "<form method=\"post\" action=\"/login\">{csrf}\
+             <label>User name <input id=\"username\" name=\"username\" required></label>\
+             <button id=\"login\" type=\"submit\">Log in</button></form>"
+        ),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -151,9 +180,10 @@ async fn private(session: Session) -> Result<Response, SessionFailure> {
             "Private",
             &format!(
                 "<p>Hello, <span id=\"user\">{}</span>.</p>\
-                 <form method=\"post\" action=\"/logout\"><button id=\"logout\" type=\"submit\">\
-                 Log out</button></form>",
-                escape(&user)
+                 <form method=\"post\" action=\"/logout\">{}<button id=\"logout\" \
+                 type=\"submit\">Log out</button></form>",
+                escape(&user),
+                csrf_field(&session).await?
             ),
         )
         .into_response(),

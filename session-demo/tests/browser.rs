@@ -1,7 +1,9 @@
-//! The demo in a real headless Chromium, driven over WebDriver (chromedriver): the counter
-//! rises across reloads, logging in survives a reload and changes the session id, logging out
-//! ends the session, and the cookie is HttpOnly with SameSite=Lax. Runs against the memory
-//! store and against a real memcached.
+//! The demo in a real headless Chromium, driven over WebDriver (chromedriver): an anonymous
+//! page view makes no session, the counter rises across reloads, logging in survives a reload
+//! and changes the session id, logging out ends the session, and the cookie is HttpOnly with
+//! SameSite=Lax. Runs against the memory store and against a real memcached. A second local
+//! server on another port plays the attacker's site: forms it auto-posts to the demo neither
+//! log the user out nor log them in.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -286,6 +288,20 @@ fn walk_through_the_demo(store_url: &str) {
     };
     let demo = Demo::start(store_url);
 
+    // Anonymous page views make no session.
+    browser.open(&demo.url("/"));
+    assert_eq!(visits(&browser), 0);
+    browser.reload();
+    assert_eq!(visits(&browser), 0);
+    assert_eq!(browser.text("#user"), "anonymous");
+    assert!(
+        browser.session_cookie().is_none(),
+        "a page view set a cookie"
+    );
+
+    // The login form starts one (for its CSRF token); the counter runs from then on.
+    browser.open(&demo.url("/login"));
+    browser.element("#username");
     browser.open(&demo.url("/"));
     assert_eq!(visits(&browser), 1);
     browser.reload();
@@ -336,17 +352,17 @@ fn walk_through_the_demo(store_url: &str) {
 
     browser.open(&demo.url("/private"));
     browser.click("#logout");
-    // Logout lands on the home page, which starts a new anonymous session from 1.
+    // Logout lands on the home page, which starts no new session.
     browser.wait_for_text("#user", "anonymous");
     assert_eq!(
         visits(&browser),
-        1,
+        0,
         "logging out ends the session and its counter"
     );
-    let after = browser
-        .session_cookie()
-        .expect("the home page starts a new session");
-    assert_ne!(after["value"], logged_in["value"]);
+    assert!(
+        browser.session_cookie().is_none(),
+        "logout clears the cookie"
+    );
     browser.open(&demo.url("/private"));
     browser.wait_for_text("#user", "not logged in");
 
@@ -354,6 +370,140 @@ fn walk_through_the_demo(store_url: &str) {
     browser.set_session_cookie(&logged_in_value);
     browser.open(&demo.url("/private"));
     browser.wait_for_text("#user", "not logged in");
+}
+
+/// The attacker's site: a server on another local port whose `/logout` and `/login` pages
+/// auto-post a form to the demo; answers requests until dropped.
+struct AttackerSite {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AttackerSite {
+    fn start(demo: &Demo) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding the attacker");
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (target, stopping) = (demo.base.clone(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                // A thread per connection: browsers open spare connections that never send a
+                // request, and one of those must not hold up the real one.
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let target = target.clone();
+                        std::thread::spawn(move || Self::answer(stream, &target));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self { port, stop }
+    }
+
+    /// Answers one request with a page whose form posts itself to the demo on load.
+    fn answer(mut stream: std::net::TcpStream, target: &str) {
+        use std::io::Write as _;
+        stream.set_nonblocking(false).unwrap();
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        // Read the request up to its blank line, so closing the connection resets nothing.
+        let mut reader = BufReader::new(&stream);
+        let mut request_line = String::new();
+        let _ = reader.read_line(&mut request_line);
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|read| read > 2) {
+            line.clear();
+        }
+        let fields = if request_line.contains("/login") {
+            "<input name=\"username\" value=\"mallory\">"
+        } else {
+            ""
+        };
+        let action = if request_line.contains("/login") {
+            "/login"
+        } else {
+            "/logout"
+        };
+        let body = format!(
+            "<!doctype html><html><body><form id=\"f\" method=\"post\" \
+             action=\"{target}{action}\">{fields}</form>\
+             <script>document.getElementById('f').submit()</script></body></html>"
+        );
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+
+    fn url(&self, host: &str, path: &str) -> String {
+        format!("http://{host}:{}{path}", self.port)
+    }
+}
+
+impl Drop for AttackerSite {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Opens the attacker's page, waits for its forged post to land on the demo, and returns the
+/// text the demo answered it with.
+fn forge(browser: &Browser, demo: &Demo, attacker_page: &str) -> String {
+    browser.open(attacker_page);
+    browser.eventually("the forged post to reach the demo", || {
+        let url = browser.command("GET", "/url", None);
+        url.as_str()?.starts_with(&demo.base).then_some(())
+    });
+    browser.text("body")
+}
+
+#[test]
+fn forms_auto_posted_from_another_origin_neither_log_out_nor_log_in() {
+    let _one = ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(browser) = Browser::start() else {
+        return;
+    };
+    let demo = Demo::start("memory://");
+    let attacker = AttackerSite::start(&demo);
+    // 127.0.0.1 on another port is the same site but another origin: the browser sends the
+    // SameSite=Lax cookie with the forged post, so only the CSRF check stands in the way.
+    // localhost is another site altogether.
+    let attackers = ["127.0.0.1", "localhost"];
+
+    browser.open(&demo.url("/login"));
+    browser.type_into("#username", "alice");
+    browser.click("#login");
+    browser.wait_for_text("#user", "alice");
+    for host in attackers {
+        let answer = forge(&browser, &demo, &attacker.url(host, "/logout"));
+        browser.open(&demo.url("/private"));
+        browser.wait_for_text("#user", "alice");
+        assert!(answer.contains("forbidden"), "{host}: {answer}");
+    }
+
+    // Logged out (with a session holding a token, from the login form) and with none.
+    browser.click("#logout");
+    browser.wait_for_text("#user", "anonymous");
+    browser.open(&demo.url("/login"));
+    browser.element("#username");
+    let mut forged_logins = Vec::new();
+    for host in attackers {
+        forged_logins.push(forge(&browser, &demo, &attacker.url(host, "/login")));
+        browser.open(&demo.url("/private"));
+        browser.wait_for_text("#user", "not logged in");
+    }
+    browser.command("DELETE", "/cookie", None);
+    for host in attackers {
+        forged_logins.push(forge(&browser, &demo, &attacker.url(host, "/login")));
+        browser.open(&demo.url("/private"));
+        browser.wait_for_text("#user", "not logged in");
+    }
+    for answer in forged_logins {
+        assert!(answer.contains("forbidden"), "{answer}");
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ pub async fn counter(request: HttpRequest, manager: web::Data<SessionManager>) -
     let cookie_headers = request
         .headers()
         .get_all(COOKIE)
-        .filter_map(|value| value.to_str().ok());
+        .map(|value| value.as_bytes());
     match count_visit(&manager, cookie_headers).await {
         Ok((visits, set_cookie)) => {
             let mut response = HttpResponse::Ok();

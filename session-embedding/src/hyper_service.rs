@@ -24,7 +24,7 @@ pub async fn handle<B>(
         .headers()
         .get_all(COOKIE)
         .iter()
-        .filter_map(|value| value.to_str().ok());
+        .map(|value| value.as_bytes());
     let failure = || {
         let mut response = Response::new(Full::new(Bytes::from_static(b"session unavailable")));
         *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;

@@ -2,8 +2,9 @@
 //! the same visit counter in [`actix`] (actix-web) and in [`hyper_service`] (plain hyper).
 //!
 //! The pattern is the same in any framework:
-//! 1. find the session cookie in the `Cookie` headers ([`session_core::find_cookies`] gives
-//!    every cookie of the name, [`SessionManager::first_valid_cookie`] the signed one);
+//! 1. find the session cookie in the `Cookie` headers' raw bytes
+//!    ([`SessionManager::request_cookie`]: the signed one among every cookie of the name,
+//!    parsed leniently, so one malformed or non-ASCII cookie does not hide it);
 //! 2. `manager.load(cookie)` (no store call for a missing or invalid cookie);
 //! 3. read and change the session;
 //! 4. `manager.commit(session)`, and write the directive it returns as `Set-Cookie`.
@@ -11,22 +12,17 @@
 pub mod actix;
 pub mod hyper_service;
 
-use session_core::{SessionError, SessionManager, find_cookies};
+use session_core::{SessionError, SessionManager};
 
 /// Steps 1 to 4 for the counter page: finds the session cookie in the request's `Cookie`
 /// headers (HTTP/2 clients may send several), loads the session, counts the visit, commits,
 /// and returns the new count with the `Set-Cookie` value, if any.
 pub async fn count_visit<'a>(
     manager: &SessionManager,
-    cookie_headers: impl IntoIterator<Item = &'a str>,
+    cookie_headers: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<(u64, Option<String>), SessionError> {
-    let name = manager.config().cookie_config().cookie_name();
-    let candidates: Vec<&str> = cookie_headers
-        .into_iter()
-        .flat_map(|header| find_cookies(header, name))
-        .collect();
-    let cookie = manager.first_valid_cookie(candidates.iter().copied());
-    let mut session = manager.load(cookie).await?;
+    let cookie = manager.request_cookie(cookie_headers);
+    let mut session = manager.load(cookie.as_deref()).await?;
     // An update rather than get + insert: concurrent requests of one browser both count.
     let visits = session.update("visits", |n: Option<u64>| n.unwrap_or(0) + 1)?;
     let outcome = manager.commit(session).await?;

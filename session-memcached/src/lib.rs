@@ -137,7 +137,7 @@ impl MemcachedStore {
             .ttl
             .and_then(|secs| u64::try_from(secs).ok())
             .map(|secs| Duration::from_secs(secs.saturating_sub(1)));
-        StoredEntry::decode(&bytes, version, expires_in).map(Some)
+        StoredEntry::decode(&bytes, self.max_record_size, version, expires_in).map(Some)
     }
 
     fn item_key<'a>(&self, key: &'a StorageKey) -> Cow<'a, str> {
@@ -242,6 +242,9 @@ fn checked_cas(operation: &'static str, cas: u64) -> Result<Version, StoreError>
 /// the moment it expires, in Unix seconds (never zero), so that `touch`, which reads flags but
 /// not values, can tell a marker from a session and give the marker back its own expiry.
 const SESSION_FLAGS: u32 = 0;
+
+/// The longest key memcached accepts, in bytes.
+const MAX_MEMCACHED_KEY_LEN: usize = 250;
 
 /// When a write may happen.
 enum Condition {
@@ -418,5 +421,10 @@ impl SessionStore for MemcachedStore {
 
     fn max_record_size(&self) -> usize {
         self.max_record_size
+    }
+
+    /// memcached's 250-byte key limit less this store's own prefix.
+    fn max_key_len(&self) -> Option<usize> {
+        Some(MAX_MEMCACHED_KEY_LEN - self.key_prefix.len())
     }
 }

@@ -6,7 +6,10 @@ use std::time::{Duration, SystemTime};
 
 use session_conformance::harness::{ServerKind, ServerProcess};
 use session_conformance::new_key;
-use session_core::{KeyRing, Record, SessionConfig, SessionManager, SessionStore, SigningKey};
+use session_core::{
+    ConfigError, KeyPrefix, KeyRing, Record, SessionConfig, SessionManager, SessionStore,
+    SigningKey,
+};
 use session_memcached::{MemcachedConfig, MemcachedStore};
 use tokio::task::JoinSet;
 
@@ -147,4 +150,41 @@ async fn loads_report_the_remaining_ttl() {
     let left = store.load(&key).await.unwrap().unwrap().expires_in;
     let left = left.expect("memcached reports the remaining TTL");
     assert!(left > ttl - Duration::from_secs(5) && left <= ttl + Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn a_key_prefix_too_long_for_memcached_is_refused_when_the_manager_is_built() {
+    let Some(server) = ServerProcess::start(ServerKind::Memcached) else {
+        return;
+    };
+    let config = MemcachedConfig::new([server.address()]).key_prefix("m".repeat(64));
+    let store = MemcachedStore::connect(config).await.unwrap();
+    assert_eq!(store.max_key_len(), Some(250 - 64));
+    let manager_config = |prefix_len: usize| {
+        SessionConfig::new(KeyRing::single(SigningKey::new([3u8; 32]).unwrap()))
+            .key_prefix(KeyPrefix::new("p".repeat(prefix_len)).unwrap())
+    };
+    // 144 + 43 = 187 bytes, one over what memcached leaves after the store's own prefix.
+    let refused = SessionManager::new(Arc::new(store.clone()), manager_config(144)).unwrap_err();
+    assert_eq!(
+        refused,
+        ConfigError::KeyTooLong {
+            len: 187,
+            limit: 186
+        }
+    );
+    assert!(
+        refused.to_string().contains("key limit of 186"),
+        "{refused}"
+    );
+    // The longest prefix that fits works end to end.
+    let manager = SessionManager::new(Arc::new(store), manager_config(143)).unwrap();
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("user", "alice").unwrap();
+    let cookie = manager.commit(session).await.unwrap().cookie.unwrap();
+    let loaded = manager.load(Some(&cookie.value)).await.unwrap();
+    assert_eq!(
+        loaded.get::<String>("user").unwrap().as_deref(),
+        Some("alice")
+    );
 }

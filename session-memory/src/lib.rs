@@ -225,6 +225,7 @@ impl MemoryStore {
         };
         StoredEntry::decode(
             &bytes,
+            self.inner.max_record_size,
             Version::new(version),
             Some(expires_at.saturating_duration_since(now)),
         )

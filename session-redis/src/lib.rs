@@ -250,7 +250,13 @@ impl RedisStore {
         let version = u64::from_be_bytes(version.try_into().expect("eight bytes"));
         let expires_at = u64::from_be_bytes(expires_at.try_into().expect("eight bytes"));
         let expires_in = Duration::from_millis(expires_at.saturating_sub(now_millis()));
-        StoredEntry::decode(encoded, Version::new(version), Some(expires_in)).map(Some)
+        StoredEntry::decode(
+            encoded,
+            self.max_record_size,
+            Version::new(version),
+            Some(expires_in),
+        )
+        .map(Some)
     }
 
     fn redis_key<'a>(&self, key: &'a StorageKey) -> Cow<'a, str> {

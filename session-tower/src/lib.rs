@@ -12,6 +12,15 @@
 //! (configurable, see [`LostWrites`]); an invalid cookie is simply a fresh session. The commit runs as a task of its
 //! own, so that a client hanging up cannot cut it short: the layer needs a tokio runtime.
 //!
+//! The layer also keeps shared caches from handing one user's session to another: a
+//! response that sets the session cookie gets `Cache-Control: private` (`no-store` when the
+//! handler set none), and one whose session was used gets `Vary: Cookie`
+//! ([`SessionLayer::protect_from_shared_caches`]). A handler that fails (a 5xx response)
+//! has its changes dropped, as if the request never happened, except a
+//! [`destroy`](Session::destroy), which still ends the session
+//! ([`SessionLayer::save_on_server_error`]). [`CsrfLayer`] and [`SameOriginLayer`] refuse
+//! forged cross-site requests.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use axum::{Router, routing::get};
@@ -42,13 +51,16 @@ use std::task::{Context, Poll};
 
 use axum_core::extract::FromRequestParts;
 use axum_core::response::{IntoResponse, Response};
-use http::header::{COOKIE, SET_COOKIE};
+use http::header::{CACHE_CONTROL, COOKIE, SET_COOKIE, VARY};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use session_core::{CommitOutcome, CommitStatus, SessionError, SessionManager, find_cookies};
+use session_core::{CommitOutcome, CommitStatus, SessionError, SessionManager};
 use tokio::sync::Mutex;
+
+mod csrf;
+pub use csrf::{CsrfLayer, CsrfService, SameOriginLayer, SameOriginService};
 
 /// Where the request's session is in its life.
 enum Slot {
@@ -172,13 +184,41 @@ impl Session {
         self.with(|session| session.is_new()).await
     }
 
-    /// Commits the session if a handler used it; `None` when it was never loaded.
-    async fn commit(&self) -> Result<Option<CommitOutcome>, SessionError> {
+    /// The session's CSRF token, masked afresh, for a hidden form field (named as
+    /// [`CsrfLayer`] expects, `csrf_token` by default) or a request header; see
+    /// [`session_core::csrf`]. Makes the token on first use, which creates the session.
+    pub async fn csrf_token(&self) -> Result<String, SessionError> {
+        self.with(session_core::Session::csrf_token).await?
+    }
+
+    /// Whether `submitted` is a masked form of the session's CSRF token ([`CsrfLayer`] calls
+    /// this; handlers that check tokens themselves can too).
+    pub async fn verify_csrf_token(&self, submitted: &str) -> Result<bool, SessionError> {
+        self.with(|session| session.verify_csrf_token(submitted))
+            .await
+    }
+
+    /// Commits the session if a handler used it; `None` when it was never loaded, or when
+    /// `discard_changes` (a failed handler) leaves nothing to do. A discarded session that
+    /// was destroyed is still ended, without the values set after the destroy.
+    async fn commit(&self, discard_changes: bool) -> Result<Option<CommitOutcome>, SessionError> {
         let taken = std::mem::replace(&mut *self.shared.slot.lock().await, Slot::Committed);
-        let Slot::Loaded(session) = taken else {
+        let Slot::Loaded(mut session) = taken else {
             return Ok(None);
         };
+        if discard_changes {
+            if !session.is_destroyed() {
+                tracing::debug!("the handler failed; its session changes are not saved");
+                return Ok(None);
+            }
+            session.destroy();
+        }
         self.shared.manager.commit(session).await.map(Some)
+    }
+
+    /// Whether a handler used the session (so the response may depend on the cookie).
+    async fn was_used(&self) -> bool {
+        !matches!(*self.shared.slot.lock().await, Slot::Untouched)
     }
 }
 
@@ -284,17 +324,45 @@ pub struct SessionLayer {
     failure_status: StatusCode,
     lost_writes: LostWrites,
     superseded_writes: LostWrites,
+    protect_caches: bool,
+    save_on_server_error: bool,
 }
 
 impl SessionLayer {
-    /// A layer over `manager`; a failed commit answers 500, lost changes 409.
+    /// A layer over `manager`; a failed commit answers 500, lost changes 409; cache headers
+    /// protect the cookie; a 5xx response's session changes are dropped.
     pub fn new(manager: SessionManager) -> Self {
         Self {
             manager,
             failure_status: StatusCode::INTERNAL_SERVER_ERROR,
             lost_writes: LostWrites::default(),
             superseded_writes: LostWrites::Ignore,
+            protect_caches: true,
+            save_on_server_error: false,
         }
+    }
+
+    /// Whether responses get the cache headers that keep a shared cache (a CDN, a proxy) from
+    /// storing one user's session cookie or session-dependent page and serving it to others
+    /// (on by default):
+    ///
+    /// - a response with a session `Set-Cookie` gets `Cache-Control: no-store` when the
+    ///   handler set no `Cache-Control`; one the handler set is kept if it already says
+    ///   `no-store` or `private`, and otherwise made `private` (dropping `public` and
+    ///   `s-maxage`);
+    /// - a response whose session a handler used gets `Vary: Cookie`.
+    pub fn protect_from_shared_caches(mut self, protect: bool) -> Self {
+        self.protect_caches = protect;
+        self
+    }
+
+    /// Whether the session changes of a request whose response is a server error (5xx) are
+    /// saved (off by default: a handler that failed half-way, or panicked inside a layer that
+    /// turns panics into 500s, leaves the session as it was). A
+    /// [`destroy`](Session::destroy) is carried out either way.
+    pub fn save_on_server_error(mut self, save: bool) -> Self {
+        self.save_on_server_error = save;
+        self
     }
 
     /// The status that replaces the response when committing the session fails (for example
@@ -338,21 +406,67 @@ pub struct SessionService<S> {
     layer: SessionLayer,
 }
 
-/// The session cookie of a request: among every cookie with the session's name in every
-/// `Cookie` header, the first one the manager signed; else the first one (which the manager
-/// will treat as invalid, without a store call).
+/// The session cookie of a request (see [`SessionManager::request_cookie`]).
 fn request_cookie(headers: &HeaderMap, manager: &SessionManager) -> Option<String> {
-    let name = manager.config().cookie_config().cookie_name();
-    let candidates: Vec<&str> = headers
-        .get_all(COOKIE)
+    manager.request_cookie(headers.get_all(COOKIE).iter().map(HeaderValue::as_bytes))
+}
+
+/// The comma-separated items of every `name` header, trimmed, empties dropped.
+fn header_items(headers: &HeaderMap, name: http::header::HeaderName) -> Vec<String> {
+    headers
+        .get_all(name)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|header| find_cookies(header, name))
-        .collect();
-    manager
-        .first_valid_cookie(candidates.iter().copied())
-        .or(candidates.first().copied())
-        .map(str::to_owned)
+        .flat_map(|value| {
+            String::from_utf8_lossy(value.as_bytes())
+                .split(',')
+                .map(|item| item.trim().to_owned())
+                .filter(|item| !item.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Keeps shared caches from storing a response that sets the session cookie: no
+/// `Cache-Control` becomes `no-store`; one without `no-store` or `private` becomes `private`
+/// (without `public` or `s-maxage`, which only speak to shared caches).
+fn make_private(headers: &mut HeaderMap) {
+    let directives = header_items(headers, CACHE_CONTROL);
+    let name_of = |directive: &str| {
+        let name = directive.split('=').next().unwrap_or_default();
+        name.trim().to_ascii_lowercase()
+    };
+    let names: Vec<String> = directives.iter().map(|d| name_of(d)).collect();
+    if names
+        .iter()
+        .any(|name| name == "no-store" || name == "private")
+    {
+        return;
+    }
+    let value = if directives.is_empty() {
+        "no-store".to_owned()
+    } else {
+        let kept = directives
+            .iter()
+            .zip(&names)
+            .filter(|(_, name)| *name != "public" && *name != "s-maxage")
+            .map(|(directive, _)| directive.as_str());
+        std::iter::once("private")
+            .chain(kept)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let value = HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("no-store"));
+    headers.insert(CACHE_CONTROL, value);
+}
+
+/// Adds `Cookie` to `Vary`, unless it (or `*`) is there already.
+fn vary_on_cookie(headers: &mut HeaderMap) {
+    let present = header_items(headers, VARY)
+        .iter()
+        .any(|field| field == "*" || field.eq_ignore_ascii_case("cookie"));
+    if !present {
+        headers.append(VARY, HeaderValue::from_static("Cookie"));
+    }
 }
 
 /// The status a lost write is answered with, if any.
@@ -399,14 +513,20 @@ where
         let failure_status = self.layer.failure_status;
         let (lost_writes, superseded_writes) =
             (self.layer.lost_writes, self.layer.superseded_writes);
+        let (protect_caches, save_on_server_error) =
+            (self.layer.protect_caches, self.layer.save_on_server_error);
         Box::pin(async move {
             let mut response = inner.call(request).await?;
             if response.extensions().get::<FailureMarker>().is_some() {
                 *response.status_mut() = failure_status;
             }
+            let discard = response.status().is_server_error() && !save_on_server_error;
+            if protect_caches && session.was_used().await {
+                vary_on_cookie(response.headers_mut());
+            }
             // The commit runs as its own task, so that a client hanging up (which drops this
             // future) cannot stop a logout's delete or an id cycle half-way.
-            let commit = tokio::spawn(async move { session.commit().await });
+            let commit = tokio::spawn(async move { session.commit(discard).await });
             let replace_with = match commit.await {
                 Ok(Ok(Some(outcome))) => {
                     let cookie = outcome
@@ -422,6 +542,9 @@ where
                     match cookie {
                         Some(Ok(value)) => {
                             response.headers_mut().append(SET_COOKIE, value);
+                            if protect_caches {
+                                make_private(response.headers_mut());
+                            }
                             None
                         }
                         Some(Err(_)) => {

@@ -8,8 +8,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use session_conformance::recording::RecordingStore;
 use session_core::{
-    CommitStatus, CookieConfig, KeyRing, SameSite, SessionConfig, SessionError, SessionManager,
-    SessionStore, SigningKey, StoreError,
+    CommitStatus, ConfigError, CookieConfig, KeyRing, SameSite, SessionConfig, SessionError,
+    SessionManager, SessionStore, SigningKey, StoreError,
 };
 use session_memory::MemoryStore;
 
@@ -134,10 +134,16 @@ async fn new_session_cookie_has_the_configured_attributes() {
     // before the next one.
     assert_eq!(cookie.max_age, Some(Duration::from_secs(7200)));
     let header = cookie.to_header_value();
-    assert!(header.starts_with(&format!("session={}; Max-Age=7200; Path=/", cookie.value)));
-    assert!(
-        header.contains("; Secure; HttpOnly; SameSite=Lax"),
-        "{header}"
+    assert!(header.starts_with(&format!("session={}; ", cookie.value)));
+    assert_eq!(
+        attributes(&header),
+        [
+            "HttpOnly",
+            "Max-Age=7200",
+            "Path=/",
+            "SameSite=Lax",
+            "Secure"
+        ]
     );
 
     let custom = SessionConfig::new(KeyRing::single(key(1))).cookie(
@@ -159,11 +165,100 @@ async fn new_session_cookie_has_the_configured_attributes() {
         .unwrap()
         .to_header_value();
     assert!(header.starts_with("sid="));
-    assert!(
-        !header.contains("Max-Age") && !header.contains("Secure"),
-        "{header}"
+    assert_eq!(
+        attributes(&header),
+        [
+            "Domain=example.com",
+            "HttpOnly",
+            "Path=/",
+            "SameSite=Strict"
+        ]
     );
-    assert!(header.ends_with("; Path=/; Domain=example.com; HttpOnly; SameSite=Strict"));
+
+    let partitioned = SessionConfig::new(KeyRing::single(key(1))).cookie(
+        CookieConfig::default()
+            .name("__Host-sid")
+            .same_site(SameSite::None)
+            .partitioned(true),
+    );
+    let manager = manager_with(&store, partitioned);
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("n", &1u8).unwrap();
+    let cookie = manager.commit(session).await.unwrap().cookie.unwrap();
+    assert_eq!(
+        attributes(&cookie.to_header_value()),
+        [
+            "HttpOnly",
+            "Max-Age=7200",
+            "Partitioned",
+            "Path=/",
+            "SameSite=None",
+            "Secure"
+        ]
+    );
+}
+
+/// The attributes of a `Set-Cookie` value, sorted (their order carries no meaning).
+fn attributes(header: &str) -> Vec<&str> {
+    let mut attributes: Vec<&str> = header.split("; ").skip(1).collect();
+    attributes.sort_unstable();
+    attributes
+}
+
+#[tokio::test]
+async fn a_destroy_without_a_valid_cookie_sends_no_removal() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    for cookie in [None, Some("forged.value")] {
+        let mut session = manager.load(cookie).await.unwrap();
+        session.destroy();
+        let outcome = manager.commit(session).await.unwrap();
+        assert_eq!(outcome.status, CommitStatus::Anonymous);
+        assert_eq!(outcome.cookie, None, "{cookie:?}");
+    }
+    // A valid cookie whose session has ended is still cleared.
+    let cookie = logged_in(&manager).await;
+    store.inner.delete(&session_key(&cookie)).await.unwrap();
+    let mut session = manager.load(Some(&cookie)).await.unwrap();
+    session.destroy();
+    let outcome = manager.commit(session).await.unwrap();
+    assert!(outcome.cookie.unwrap().is_removal());
+}
+
+#[tokio::test]
+async fn debug_shows_value_names_and_sizes_never_value_bytes() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("reset_token", "SECRET-RESET-TOKEN").unwrap();
+    session.insert("user", "alice").unwrap();
+    let shown = format!("{session:?} {session:#?}");
+    assert!(
+        !shown.contains("SECRET") && !shown.contains("alice"),
+        "{shown}"
+    );
+    // bincode writes an 18-byte string as its length (one byte) and its bytes.
+    assert!(shown.contains("\"reset_token\": 19"), "{shown}");
+    assert!(shown.contains("\"user\": 6"), "{shown}");
+}
+
+#[tokio::test]
+async fn a_configuration_that_does_not_fit_the_store_is_refused() {
+    let small = MemoryStore::builder().max_record_size(1000).build();
+    let config = || SessionConfig::new(KeyRing::single(key(1)));
+    let refused = SessionManager::new(Arc::new(small.clone()), config()).unwrap_err();
+    assert_eq!(
+        refused,
+        ConfigError::MaxEncodedSizeOverStoreLimit {
+            max_encoded_size: SessionConfig::DEFAULT_MAX_ENCODED_SIZE,
+            store_limit: 1000
+        }
+    );
+    assert!(
+        refused.to_string().contains("record limit of 1000"),
+        "{refused}"
+    );
+    assert!(SessionManager::new(Arc::new(small), config().max_encoded_size(1000)).is_ok());
 }
 
 #[tokio::test]
@@ -304,10 +399,13 @@ async fn destroy_deletes_and_clears_the_cookie() {
     assert_eq!(store.take_calls(), ["delete_if_version"]);
     let removal = outcome.cookie.unwrap();
     assert!(removal.is_removal());
+    let header = removal.to_header_value();
+    assert!(header.starts_with("session=; "), "{header}");
+    let attributes = attributes(&header);
+    assert!(attributes.contains(&"Max-Age=0"), "{header}");
     assert!(
-        removal
-            .to_header_value()
-            .starts_with("session=; Max-Age=0; Expires=Thu, 01 Jan 1970")
+        attributes.contains(&"Expires=Thu, 01 Jan 1970 00:00:00 GMT"),
+        "{header}"
     );
     assert!(store.inner.is_empty());
     assert!(manager.load(Some(&cookie)).await.unwrap().is_new());
