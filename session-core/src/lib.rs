@@ -37,5 +37,5 @@ pub use manager::{
 };
 pub use record::Record;
 pub use session::Session;
-pub use signing::{KeyRing, SigningKey, VerifiedCookie};
+pub use signing::{KeyRing, MAC_KEY_LABEL, SigningKey, VerifiedCookie};
 pub use store::{LoadedRecord, SessionStore, StoredEntry, Version};

@@ -37,8 +37,10 @@ pub(crate) const COOKIE_VALUE_LEN: usize = SESSION_ID_TEXT_LEN + 1 + TAG_TEXT_LE
 
 /// A secret key for signing session cookies: at least [`SigningKey::MIN_LEN`] bytes.
 ///
-/// The MAC key is derived from the secret (HKDF-SHA256, label [`MAC_KEY_LABEL`]); see the
-/// [module documentation](self). `Debug` never shows the key's bytes.
+/// The MAC key is derived from the secret (HKDF-SHA256, label [`MAC_KEY_LABEL`]), so a secret
+/// that also serves another purpose cannot be used to forge cookies through that other use;
+/// to upgrade from versions that used the secret directly, see
+/// [`accept_legacy_tags`](Self::accept_legacy_tags). `Debug` never shows the key's bytes.
 #[derive(Clone)]
 pub struct SigningKey {
     /// HMAC state with the derived key already absorbed; cloned for every signature.

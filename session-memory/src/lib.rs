@@ -7,7 +7,9 @@
 //!   full shard sweeps itself before it evicts or refuses anything.
 //! - Bounded: at most [`max_sessions`](MemoryStoreBuilder::max_sessions) entries of at most
 //!   [`max_record_size`](MemoryStoreBuilder::max_record_size) bytes each, so a client creating
-//!   sessions in a loop cannot exhaust memory. What happens at the bound is set by [`OnFull`].
+//!   sessions in a loop cannot exhaust memory. What happens at the bound is set by [`OnFull`];
+//!   by default a flood of new sessions evicts other new sessions, not the sessions of users who
+//!   came back (see [below](#a-flood-of-new-sessions)).
 //! - Sharded: entries are spread by key hash over independently locked shards (four per core,
 //!   at most 64); no lock is held across an await or while decoding.
 //!
@@ -27,6 +29,56 @@
 //! assert!(outcome.cookie.is_some());
 //! # Ok(()) }
 //! ```
+//!
+//! # A flood of new sessions
+//!
+//! **The threat.** Every request without a cookie to a page that writes the session creates an
+//! entry. A client sending such requests in a loop (no cookie jar needed) fills the store to
+//! its bound, and each of its entries expires later than the session of a user who has been
+//! idle for a while. A store that evicted by expiry alone would then evict, and so log out,
+//! every idle logged-in user.
+//!
+//! **What the store does.** It tells the two kinds of entry apart: an entry *came back* once it
+//! is loaded, saved or touched after its `create` (a later request used it; the redirect after a
+//! login loads it), and was *only created* until then. A flood that never presents its cookies
+//! again only makes entries that were only created. With [`OnFull::EvictSoonestExpiring`] (the
+//! default) a full shard evicts:
+//!
+//! 1. sessions only created, soonest-expiring first;
+//! 2. then sessions that came back, soonest-expiring first;
+//! 3. then moved markers, last (while one lives, a logout or a save that raced an id cycle
+//!    follows it to the session; they expire soon anyway).
+//!
+//! So while a shard still holds a session that was only created, no session that came back is
+//! evicted, whatever the expiries. Noting that an entry came back costs a flag set under the
+//! shard lock that the load, save or touch holds anyway. Evicting keeps its bounded cost: a
+//! full shard sweeps expired entries at most once a second, and otherwise frees 1/64 of its
+//! share in one pass over its entries, so the cost of the pass is shared by the creates that
+//! follow.
+//!
+//! **What it does not do.**
+//!
+//! - A session the flood's victims have just been given is only created: a new visitor's first
+//!   session, and the session an id cycle (a login) moves to, until its next request. Under a
+//!   flood these can be evicted before they come back.
+//! - If a full shard holds fewer sessions only created than one eviction batch, the rest of the
+//!   batch is taken from sessions that came back, soonest-expiring first: the shard is then
+//!   full of real users, and the bound is too small.
+//! - A client that does present each of its cookies again makes sessions that came back, which
+//!   compete with real users on expiry alone; it costs the client a request per session.
+//! - The flood still costs a create per request and fills the store.
+//!
+//! **What stays the application's job.** Rate-limit requests (and session creation above all)
+//! per client in front of the application. Do not write to the session on pages anonymous
+//! visitors reach: a new session with nothing in it is never stored, so such requests create
+//! nothing. Size [`max_sessions`](MemoryStoreBuilder::max_sessions) for the real users plus
+//! headroom. Where no session may ever be evicted, use [`OnFull::Reject`]: then new sessions
+//! fail instead while the store is full.
+//!
+//! **Defaults.** [`max_sessions`](MemoryStoreBuilder::max_sessions) 100,000 (in shards of at
+//! least 256), [`OnFull::EvictSoonestExpiring`] with the order above, an eviction batch of 1/64
+//! of a shard's share (at least one entry), a full-shard sweep at most once a second, and the
+//! background sweeper every 30 seconds.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -52,11 +104,13 @@ const FULL_SHARD_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// What a full store does with a `create` for a new key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OnFull {
-    /// Evict the entries of the same shard that expire soonest (the least recently active ones,
-    /// since activity pushes expiry back), as memcached does: a full shard frees its 1/64 with
-    /// the earliest expiry in one pass, so the cost of finding them is shared by the creates
-    /// that follow. New visitors always get a session; under a flood of new sessions, the
-    /// idlest existing ones go first.
+    /// Evict entries of the same shard: a full shard frees its 1/64 in one pass, so the cost
+    /// of finding them is shared by the creates that follow. Sessions only ever created (never
+    /// loaded, saved or touched since) go first, soonest-expiring first; then sessions that
+    /// came back, soonest-expiring first (the least recently active ones, since activity
+    /// pushes expiry back); moved markers last. New visitors always get a session; under a
+    /// flood of new sessions, other sessions that never came back go first (see
+    /// [the crate documentation](crate#a-flood-of-new-sessions)).
     #[default]
     EvictSoonestExpiring,
     /// Refuse with [`StoreError::Full`]: existing sessions are never evicted, new ones fail
@@ -104,7 +158,8 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// What a full store does with a new session (default: evict the soonest-expiring).
+    /// What a full store does with a new session (default:
+    /// [`OnFull::EvictSoonestExpiring`], sessions only created going first).
     pub fn on_full(mut self, policy: OnFull) -> Self {
         self.on_full = policy;
         self
@@ -216,10 +271,10 @@ impl MemoryStore {
     /// The live entry under `key`, decoded.
     fn entry_now(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
         let now = Instant::now();
-        let found = self
-            .shard(key)
-            .live(key, now)
-            .map(|entry| (Arc::clone(&entry.bytes), entry.version, entry.expires_at));
+        let found = self.shard(key).live(key, now).map(|entry| {
+            entry.came_back = true;
+            (Arc::clone(&entry.bytes), entry.version, entry.expires_at)
+        });
         let Some((bytes, version, expires_at)) = found else {
             return Ok(None);
         };
@@ -251,6 +306,7 @@ impl MemoryStore {
             bytes,
             version: next,
             expires_at: now + ttl,
+            came_back: true,
         };
         shard.last_version = next;
         Ok(Version::new(next))
@@ -293,6 +349,34 @@ struct Entry {
     bytes: Arc<[u8]>,
     version: u64,
     expires_at: Instant,
+    /// Whether the entry was loaded, saved or touched since its `create`: a later request used
+    /// it. Set under the shard lock those operations hold anyway.
+    came_back: bool,
+}
+
+impl Entry {
+    /// Which entries a full shard evicts first: the lowest rank, then the soonest expiry.
+    fn eviction_rank(&self) -> EvictionRank {
+        if is_moved_marker(&self.bytes) {
+            EvictionRank::Marker
+        } else if self.came_back {
+            EvictionRank::CameBack
+        } else {
+            EvictionRank::OnlyCreated
+        }
+    }
+}
+
+/// The order in which a full shard evicts kinds of entries, first to last.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum EvictionRank {
+    /// A session never loaded, saved or touched since its `create`, as a flood of cookieless
+    /// requests makes.
+    OnlyCreated,
+    /// A session a later request used.
+    CameBack,
+    /// A moved marker: while it lives, a logout or a save that raced an id cycle follows it.
+    Marker,
 }
 
 impl Shard {
@@ -334,30 +418,31 @@ impl Shard {
         match policy {
             OnFull::Reject => Err(StoreError::Full),
             OnFull::EvictSoonestExpiring => {
-                self.evict_soonest_expiring((cap / 64).max(1));
+                self.evict((cap / 64).max(1));
                 Ok(())
             }
         }
     }
 
-    /// Removes the `count` sessions that expire soonest, in one pass over the shard. Moved
-    /// markers go only when there are not enough sessions: they expire soon anyway, and while
-    /// they live a logout or a save that raced an id cycle follows them to the session.
-    fn evict_soonest_expiring(&mut self, count: usize) {
-        // Ordered by (is a marker, expiry): every session before any marker.
-        let mut by_expiry: Vec<((bool, Instant), &StorageKey)> = self
+    /// Removes `count` entries in one pass over the shard, first by [`EvictionRank`] (sessions
+    /// only created, then sessions that came back, then moved markers), then soonest-expiring
+    /// first: a flood of new sessions evicts its own kind before any session a later request
+    /// used. Markers go only when there are not enough sessions: they expire soon anyway, and
+    /// while they live a logout or a save that raced an id cycle follows them to the session.
+    fn evict(&mut self, count: usize) {
+        let mut ranked: Vec<((EvictionRank, Instant), &StorageKey)> = self
             .entries
             .iter()
-            .map(|(key, entry)| ((is_moved_marker(&entry.bytes), entry.expires_at), key))
+            .map(|(key, entry)| ((entry.eviction_rank(), entry.expires_at), key))
             .collect();
-        let count = count.min(by_expiry.len());
+        let count = count.min(ranked.len());
         if count == 0 {
             return;
         }
-        if count < by_expiry.len() {
-            by_expiry.select_nth_unstable_by_key(count - 1, |(expiry, _)| *expiry);
+        if count < ranked.len() {
+            ranked.select_nth_unstable_by_key(count - 1, |(order, _)| *order);
         }
-        let victims: Vec<StorageKey> = by_expiry[..count]
+        let victims: Vec<StorageKey> = ranked[..count]
             .iter()
             .map(|(_, key)| (*key).clone())
             .collect();
@@ -428,6 +513,7 @@ impl SessionStore for MemoryStore {
                 bytes,
                 version,
                 expires_at: now + ttl,
+                came_back: false,
             },
         );
         Ok(Version::new(version))
@@ -473,7 +559,10 @@ impl SessionStore for MemoryStore {
         Ok(shard
             .live(key, now)
             .filter(|entry| !is_moved_marker(&entry.bytes))
-            .map(|entry| entry.expires_at = now + ttl)
+            .map(|entry| {
+                entry.expires_at = now + ttl;
+                entry.came_back = true;
+            })
             .is_some())
     }
 
