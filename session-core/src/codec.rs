@@ -3,12 +3,19 @@
 //! A stored record is a format byte ([`FORMAT_V1`]) followed by the record in bincode 2's
 //! standard configuration (through its serde support). Each session value inside a record is
 //! itself a bincode encoding of the application's serde type. Decoding must consume every
-//! byte and is bounded by its input: bincode allocates a string or byte buffer as soon as it
-//! reads its length prefix, so each decode runs under a claim limit of the smallest of
-//! 4 KiB, 64 KiB, 1 MiB, 16 MiB and [`DECODE_LIMIT`] that is at least the input's length (the
-//! strings and byte buffers of genuine bytes never add up to more than their input). A few
-//! hostile bytes claiming a 60 MiB string fail before anything is allocated. A stored entry
-//! is decoded only if it is within its store's record limit ([`decode_entry_within`]).
+//! byte and is bounded by its input. bincode allocates a string or byte buffer as soon as it
+//! reads its length prefix, checked only against a claim limit that also counts every integer
+//! at its in-memory size (16 bytes for a `u128` whose varint takes one byte): so each decode
+//! runs under the smallest claim limit of 64 KiB, 1 MiB, 16 MiB, 256 MiB and [`DECODE_LIMIT`]
+//! that is at least 16 times the input's length, which genuine bytes never exceed. A few
+//! hostile bytes claiming a 60 MiB string fail before anything is allocated. A record's
+//! values are byte strings, so their lengths are claimed too. A stored entry is decoded only
+//! if it is within its store's record limit ([`decode_entry_within`]).
+//!
+//! An application type whose in-memory form is much larger than its encoding (a long vector
+//! of `None` of a large array type) still takes that memory when decoded, and serde reserves
+//! up to a mebibyte for a sequence on the word of its length prefix; keep session values small
+//! and plain.
 //!
 //! A moved marker (what an id cycle leaves under the old key, see [`crate::store`]) is the
 //! format byte [`FORMAT_MOVED`] followed by the new storage key as ASCII text.
@@ -30,7 +37,11 @@ pub const FORMAT_V1: u8 = 1;
 pub const FORMAT_MOVED: u8 = 0x80;
 
 /// The largest claim limit of any decode, in bytes: the limit for inputs over 16 MiB.
-pub const DECODE_LIMIT: usize = 64 * 1024 * 1024;
+pub const DECODE_LIMIT: usize = 1024 * 1024 * 1024;
+
+/// How many bytes of claim limit a decode gets per input byte: the most any one input byte
+/// can claim (a one-byte varint of a `u128`).
+const CLAIM_PER_INPUT_BYTE: usize = 16;
 
 type CodecConfig<const LIMIT: usize> = Configuration<LittleEndian, Varint, Limit<LIMIT>>;
 
@@ -211,12 +222,12 @@ pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError>
 /// Decodes all of `bytes` as `T` under the claim limit of its length's tier (see the
 /// [module documentation](self)).
 fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    const KIB: usize = 1024;
-    match bytes.len() {
-        len if len <= 4 * KIB => decode_exact_within::<T, { 4 * KIB }>(bytes),
-        len if len <= 64 * KIB => decode_exact_within::<T, { 64 * KIB }>(bytes),
-        len if len <= KIB * KIB => decode_exact_within::<T, { KIB * KIB }>(bytes),
-        len if len <= 16 * KIB * KIB => decode_exact_within::<T, { 16 * KIB * KIB }>(bytes),
+    const MIB: usize = 1024 * 1024;
+    match bytes.len().saturating_mul(CLAIM_PER_INPUT_BYTE) {
+        claim if claim <= MIB / 16 => decode_exact_within::<T, { MIB / 16 }>(bytes),
+        claim if claim <= MIB => decode_exact_within::<T, MIB>(bytes),
+        claim if claim <= 16 * MIB => decode_exact_within::<T, { 16 * MIB }>(bytes),
+        claim if claim <= 256 * MIB => decode_exact_within::<T, { 256 * MIB }>(bytes),
         _ => decode_exact_within::<T, DECODE_LIMIT>(bytes),
     }
 }
@@ -294,6 +305,75 @@ mod tests {
             let value: String = decode_value(record.value("v").unwrap()).unwrap();
             assert_eq!(value.len(), size);
         }
+    }
+
+    #[test]
+    fn genuine_values_whose_integers_claim_more_than_their_bytes_decode() {
+        // bincode counts 8 bytes against its limit for each u64 (and each length prefix), 4
+        // for each enum tag, 16 for each u128, however few bytes their varints take.
+        for n in [512u64, 1100, 10_000, 200_000] {
+            let ids: Vec<u64> = (0..n).map(|i| i % 100).collect();
+            let bytes = encode_value(&ids).unwrap();
+            assert_eq!(decode_value::<Vec<u64>>(&bytes).unwrap(), ids, "{n}");
+            let wide: Vec<u128> = (0..n).map(|i| u128::from(i % 100)).collect();
+            assert_eq!(
+                decode_value::<Vec<u128>>(&encode_value(&wide).unwrap()).unwrap(),
+                wide
+            );
+        }
+        #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        enum Flag {
+            On,
+            Off,
+        }
+        let flags: Vec<Flag> = (0..1100)
+            .map(|i| if i % 2 == 0 { Flag::On } else { Flag::Off })
+            .collect();
+        let bytes = encode_value(&flags).unwrap();
+        assert_eq!(decode_value::<Vec<Flag>>(&bytes).unwrap(), flags);
+        let mut record = Record::new(SystemTime::now());
+        for i in 0..200 {
+            record.set_value(format!("p{i}"), encode_value(&true).unwrap());
+        }
+        assert_eq!(
+            decode_record(&encode_record(&record).unwrap()).unwrap(),
+            record
+        );
+    }
+
+    #[test]
+    fn record_values_keep_the_wire_format_of_byte_sequences() {
+        // Records written before values became byte strings (a derived map of `Vec<u8>`).
+        #[derive(serde::Serialize)]
+        struct Earlier {
+            created_at_ms: u64,
+            absolute_deadline_ms: Option<u64>,
+            values: std::collections::BTreeMap<String, Vec<u8>>,
+        }
+        let values: std::collections::BTreeMap<String, Vec<u8>> = [
+            ("a".to_owned(), vec![0, 1, 255]),
+            ("long".to_owned(), vec![7; 300]),
+            ("none".to_owned(), Vec::new()),
+        ]
+        .into();
+        let mut earlier_bytes = vec![FORMAT_V1];
+        bincode::serde::encode_into_std_write(
+            &Earlier {
+                created_at_ms: 1234,
+                absolute_deadline_ms: None,
+                values: values.clone(),
+            },
+            &mut earlier_bytes,
+            codec_config::<DECODE_LIMIT>(),
+        )
+        .unwrap();
+        let mut record =
+            Record::new(std::time::UNIX_EPOCH + std::time::Duration::from_millis(1234));
+        for (name, bytes) in values {
+            record.set_value(name, bytes);
+        }
+        assert_eq!(encode_record(&record).unwrap(), earlier_bytes);
+        assert_eq!(decode_record(&earlier_bytes).unwrap(), record);
     }
 
     #[test]

@@ -7,6 +7,9 @@ use crate::id::{KeyPrefix, StorageKey};
 use crate::signing::KeyRing;
 use crate::store::{MAX_TTL, MIN_TTL, SessionStore};
 
+/// The most bytes of name and value a browser keeps for one cookie (RFC 6265bis).
+const MAX_COOKIE_BYTES: usize = 4096;
+
 /// The `SameSite` attribute of the session cookie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SameSite {
@@ -148,6 +151,13 @@ impl CookieConfig {
                 .get(..prefix.len())
                 .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
         };
+        if !self.path.starts_with('/') {
+            return broken("Path must start with '/'");
+        }
+        // The value is the signed id, whose length is fixed.
+        if self.name.len() + 1 + crate::signing::COOKIE_VALUE_LEN > MAX_COOKIE_BYTES {
+            return broken("the cookie's name and value must fit in 4096 bytes");
+        }
         if self.same_site == SameSite::None && !self.secure {
             return broken("SameSite=None requires Secure");
         }
@@ -509,6 +519,29 @@ mod tests {
         assert!(
             message.contains("SameSite=None requires Secure"),
             "{message}"
+        );
+        // Browsers ignore a Path that does not start with '/' (the cookie then gets the
+        // request's directory) and drop a cookie whose name and value pass 4096 bytes.
+        for bad_path in ["", "login", "app/"] {
+            assert_eq!(
+                config()
+                    .cookie(CookieConfig::default().path(bad_path))
+                    .validate(),
+                Err(ConfigError::CookieRule {
+                    rule: "Path must start with '/'"
+                }),
+                "{bad_path:?}"
+            );
+        }
+        assert_eq!(
+            refused(CookieConfig::default().name("n".repeat(4096))),
+            "the cookie's name and value must fit in 4096 bytes"
+        );
+        assert!(
+            config()
+                .cookie(CookieConfig::default().name("n".repeat(4000)))
+                .validate()
+                .is_ok()
         );
         for fine in [
             CookieConfig::default().same_site(SameSite::None),

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::codec;
 use crate::config::{SameKeyConflict, SameSite, SessionConfig};
+use crate::csrf;
 use crate::error::{ConfigError, SessionError, StoreError};
 use crate::id::{SessionId, StorageKey};
 use crate::record::Record;
@@ -870,7 +871,17 @@ impl SessionManager {
                     };
                     key = latest_key;
                     let mut record = loaded.record;
+                    let moved_token = (key != stored.key)
+                        .then(|| record.value(csrf::TOKEN_VALUE_NAME).map(<[u8]>::to_vec));
                     session.replay_onto(&mut record, self.config.same_key_conflict)?;
+                    if let Some(token) = moved_token {
+                        // A request on the id before a move (a login) never changes the CSRF
+                        // token of the session it follows: its token was rendered for the old id.
+                        match token {
+                            Some(token) => record.set_value(csrf::TOKEN_VALUE_NAME, token),
+                            None => record.remove_value(csrf::TOKEN_VALUE_NAME),
+                        };
+                    }
                     newer = Some(record);
                     version = loaded.version;
                     expires_in = loaded.expires_in;

@@ -16,7 +16,80 @@ use serde::{Deserialize, Serialize};
 pub struct Record {
     created_at_ms: u64,
     absolute_deadline_ms: Option<u64>,
+    #[serde(with = "byte_values")]
     values: BTreeMap<String, Vec<u8>>,
+}
+
+/// The values as byte strings rather than sequences of `u8`: the same bytes on the wire (a
+/// length, then the bytes), but a decoder reads a byte string as one buffer whose length it
+/// checks against its limit, where it would reserve up to a mebibyte on the word of a
+/// sequence's length prefix before reading a single element.
+mod byte_values {
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::{Deserialize, Serialize, Serializer};
+
+    struct Bytes<'a>(&'a [u8]);
+
+    impl Serialize for Bytes<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_bytes(self.0)
+        }
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        values: &BTreeMap<String, Vec<u8>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(values.iter().map(|(name, bytes)| (name, Bytes(bytes))))
+    }
+
+    struct ByteBuf(Vec<u8>);
+
+    struct ByteBufVisitor;
+
+    impl<'de> Visitor<'de> for ByteBufVisitor {
+        type Value = ByteBuf;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<ByteBuf, E> {
+            Ok(ByteBuf(bytes.to_vec()))
+        }
+
+        fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<ByteBuf, E> {
+            Ok(ByteBuf(bytes))
+        }
+
+        /// For formats that write byte strings as sequences.
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ByteBuf, A::Error> {
+            let mut bytes = Vec::new();
+            while let Some(byte) = seq.next_element::<u8>()? {
+                bytes.push(byte);
+            }
+            Ok(ByteBuf(bytes))
+        }
+    }
+
+    impl<'de> Deserialize<'de> for ByteBuf {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_byte_buf(ByteBufVisitor)
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<String, Vec<u8>>, D::Error> {
+        let values = BTreeMap::<String, ByteBuf>::deserialize(deserializer)?;
+        Ok(values
+            .into_iter()
+            .map(|(name, bytes)| (name, bytes.0))
+            .collect())
+    }
 }
 
 impl Record {

@@ -263,24 +263,45 @@ impl Session {
     /// Gives the session a new id on commit, keeping its values; the old id stops working.
     /// Call it after login and after any change of privilege.
     ///
-    /// It also removes the session's CSRF token ([`csrf`](crate::csrf)), so that the new id
-    /// gets a new token: forms rendered before a login stop being accepted after it.
+    /// It also gives a session that has a CSRF token ([`csrf`](crate::csrf)) a new one, so
+    /// forms rendered before a login stop being accepted after it, and pages rendered right
+    /// after it do not race to make one.
     pub fn cycle_id(&mut self) {
         self.cycle_requested = true;
-        self.remove(csrf::TOKEN_VALUE_NAME);
+        if self.record.value(csrf::TOKEN_VALUE_NAME).is_none() {
+            return;
+        }
+        // An update, not an insert: replayed onto a newer version it sets the new token
+        // again instead of meeting a concurrent token change as a conflict.
+        let rotated = csrf::new_token()
+            .map(|fresh| self.update(csrf::TOKEN_VALUE_NAME, move |_: Option<csrf::Token>| fresh));
+        if !matches!(rotated, Ok(Ok(_))) {
+            // No randomness: drop the old token instead; the next page makes one.
+            self.remove(csrf::TOKEN_VALUE_NAME);
+        }
     }
 
     /// The session's CSRF token, masked afresh for this response (see [`csrf`](crate::csrf)),
     /// for a hidden form field or a header. The first call on a session without a token makes
-    /// one, which is a change: an anonymous session is then created.
+    /// one, which is a change: an anonymous session is then created. Two requests that make
+    /// the first token at once never fail: the token stored first is kept (the other page's
+    /// forms are refused until it is reloaded).
     pub fn csrf_token(&mut self) -> Result<String, SessionError> {
         let token = match self.get::<csrf::Token>(csrf::TOKEN_VALUE_NAME) {
             Ok(Some(token)) => token,
+            Ok(None) => {
+                let made = csrf::new_token().map_err(SessionError::Randomness)?;
+                // An update keeps a token a concurrent request stored first.
+                self.update(
+                    csrf::TOKEN_VALUE_NAME,
+                    move |stored: Option<csrf::Token>| stored.unwrap_or(made),
+                )?
+            }
             // A value under the reserved name that is not a token is replaced.
-            Ok(None) | Err(SessionError::DecodeValue { .. }) => {
-                let token = csrf::new_token().map_err(SessionError::Randomness)?;
-                self.insert(csrf::TOKEN_VALUE_NAME, &token)?;
-                token
+            Err(SessionError::DecodeValue { .. }) => {
+                let made = csrf::new_token().map_err(SessionError::Randomness)?;
+                self.insert(csrf::TOKEN_VALUE_NAME, &made)?;
+                made
             }
             Err(other) => return Err(other),
         };

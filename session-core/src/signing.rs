@@ -8,7 +8,7 @@
 //! Parsing is strict (exact length, exact alphabet, canonical base64, nothing after the tag)
 //! and happens before any MAC work; verification compares in constant time.
 //!
-//! Versions before 0.2 used the secret as the MAC key directly. To upgrade without logging
+//! The first release (0.1.0 before this change) used the secret as the MAC key directly. To upgrade without logging
 //! everyone out, build the keys with [`SigningKey::accept_legacy_tags`] for one cookie
 //! lifetime (the idle timeout plus the cookie's extra idle timeout, or the absolute timeout):
 //! cookies with a legacy tag verify and are re-signed with the derived key on their next
@@ -46,7 +46,8 @@ pub struct SigningKey {
     /// HMAC state with the derived key already absorbed; cloned for every signature.
     mac: HmacSha256,
     /// HMAC state keyed with the raw secret, kept only to verify the tags of versions before
-    /// 0.2 during a migration ([`SigningKey::accept_legacy_tags`]); never used to sign.
+    /// the first release during a migration ([`SigningKey::accept_legacy_tags`]); never used
+    /// to sign.
     legacy: Option<HmacSha256>,
 }
 
@@ -75,7 +76,7 @@ impl SigningKey {
     }
 
     /// Also accepts cookies whose tag was made with the raw secret as the MAC key (versions
-    /// before 0.2), so that upgrading does not log everyone out; they verify as needing a
+    /// the first release), so that upgrading does not log everyone out; they verify as needing a
     /// re-signature and get a cookie signed with the derived key on their next response.
     /// Keep it for one cookie lifetime after the upgrade, then remove it.
     pub fn accept_legacy_tags(mut self, secret: impl AsRef<[u8]>) -> Self {
@@ -304,7 +305,7 @@ mod tests {
         assert!(removed.verify("sid", &value).is_none());
     }
 
-    /// The tag a version before 0.2 made: HMAC keyed with the raw secret.
+    /// The tag the first release made: HMAC keyed with the raw secret.
     fn legacy_value(secret: &[u8], name: &str, id: &SessionId) -> String {
         let tag = tag_with(&hmac_with(secret), name, id.as_bytes())
             .finalize()

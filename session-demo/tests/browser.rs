@@ -484,6 +484,33 @@ fn forms_auto_posted_from_another_origin_neither_log_out_nor_log_in() {
         assert!(answer.contains("forbidden"), "{host}: {answer}");
     }
 
+    // A same-origin post without the token, or with a wrong one, is refused by the token
+    // check itself (the browser says same-origin, so the origin check lets it through).
+    for token in [None, Some("A".repeat(86))] {
+        browser.open(&demo.url("/private"));
+        browser.wait_for_text("#user", "alice");
+        let field = token
+            .map(|token| format!("<input name=\"csrf_token\" value=\"{token}\">"))
+            .unwrap_or_default();
+        let script = format!(
+            "const f = document.createElement('form'); f.method = 'post'; \
+             f.action = '/logout'; f.innerHTML = '{field}'; document.body.appendChild(f); \
+             f.submit();"
+        );
+        browser.command(
+            "POST",
+            "/execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        );
+        browser.eventually("the token-less post to be refused", || {
+            browser
+                .try_text("body")
+                .filter(|text| text.contains("forbidden"))
+        });
+        browser.open(&demo.url("/private"));
+        browser.wait_for_text("#user", "alice");
+    }
+
     // Logged out (with a session holding a token, from the login form) and with none.
     browser.click("#logout");
     browser.wait_for_text("#user", "anonymous");

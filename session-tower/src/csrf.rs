@@ -37,7 +37,9 @@ struct Origins {
 }
 
 impl Origins {
-    /// Why the request is cross-origin, or `None` when it is not (or nothing says).
+    /// Why the request is cross-origin, or `None` when it is not (or nothing says). The
+    /// `Origin` fallback compares host and port only (behind a proxy the scheme of the
+    /// request is not known here), and requires an `http` or `https` origin.
     ///
     /// `Sec-Fetch-Site`, when present, decides: only `same-origin` and `none` (typed in,
     /// bookmarked) pass; `same-site` (a sibling subdomain, or another port of the same host)
@@ -67,18 +69,45 @@ impl Origins {
             .get(HOST)
             .map(|value| String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase())
             .or_else(|| uri.authority().map(|a| a.as_str().to_ascii_lowercase()));
-        let origin_host = origin.split_once("://").map(|(_, host)| host);
+        let origin_host = web_origin(&origin).map(|(_, authority)| authority);
         match (origin_host, host) {
             (Some(origin_host), Some(host)) if origin_host == host => None,
             _ => Some("the Origin header names another origin"),
         }
     }
 
-    fn trust(&mut self, origin: &str) {
+    fn trust(&mut self, origin: &str) -> Result<(), InvalidOrigin> {
+        let (scheme, authority) = web_origin(origin.trim_end_matches('/')).ok_or(InvalidOrigin)?;
         self.trusted
-            .push(origin.trim_end_matches('/').to_ascii_lowercase());
+            .push(format!("{scheme}://{authority}").to_ascii_lowercase());
+        Ok(())
     }
 }
+
+/// The scheme and authority of `origin` if it is a web origin (`http` or `https`, a host, an
+/// optional port, nothing else).
+fn web_origin(origin: &str) -> Option<(&str, &str)> {
+    let (scheme, authority) = origin.split_once("://")?;
+    let scheme_is_web = scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https");
+    let authority_is_plain = !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    (scheme_is_web && authority_is_plain).then_some((scheme, authority))
+}
+
+/// A trusted origin that is not `http://` or `https://` followed by a host and an optional
+/// port (`https://app.example.com`, `http://localhost:8080`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidOrigin;
+
+impl std::fmt::Display for InvalidOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a trusted origin must be http:// or https:// with a host and an optional port, and nothing else")
+    }
+}
+
+impl std::error::Error for InvalidOrigin {}
 
 /// The 403 answer to a refused request.
 fn forbidden(reason: &'static str) -> Response {
@@ -107,10 +136,10 @@ impl SameOriginLayer {
     }
 
     /// Also accepts requests from `origin` (`https://app.example.com`, with a port when it is
-    /// not the scheme's default).
-    pub fn trust_origin(mut self, origin: &str) -> Self {
-        Arc::make_mut(&mut self.origins).trust(origin);
-        self
+    /// not the scheme's default); anything but such an origin is an error.
+    pub fn trust_origin(mut self, origin: &str) -> Result<Self, InvalidOrigin> {
+        Arc::make_mut(&mut self.origins).trust(origin)?;
+        Ok(self)
     }
 }
 
@@ -232,9 +261,9 @@ impl CsrfLayer {
     }
 
     /// Also accepts requests from `origin` (see [`SameOriginLayer::trust_origin`]).
-    pub fn trust_origin(mut self, origin: &str) -> Self {
-        self.settings().origins.trust(origin);
-        self
+    pub fn trust_origin(mut self, origin: &str) -> Result<Self, InvalidOrigin> {
+        self.settings().origins.trust(origin)?;
+        Ok(self)
     }
 
     /// Whether the origin check runs too (on by default); off leaves only the token check.

@@ -60,7 +60,7 @@ use session_core::{CommitOutcome, CommitStatus, SessionError, SessionManager};
 use tokio::sync::Mutex;
 
 mod csrf;
-pub use csrf::{CsrfLayer, CsrfService, SameOriginLayer, SameOriginService};
+pub use csrf::{CsrfLayer, CsrfService, InvalidOrigin, SameOriginLayer, SameOriginService};
 
 /// Where the request's session is in its life.
 enum Slot {
@@ -356,9 +356,10 @@ impl SessionLayer {
         self
     }
 
-    /// Whether the session changes of a request whose response is a server error (5xx) are
-    /// saved (off by default: a handler that failed half-way, or panicked inside a layer that
-    /// turns panics into 500s, leaves the session as it was). A
+    /// Whether the session changes of a request whose response is a server error (5xx), or
+    /// that failed with [`SessionFailure`] (whatever [`failure_status`](Self::failure_status)
+    /// makes of it), are saved (off by default: a handler that failed half-way, or panicked
+    /// inside a layer that turns panics into 500s, leaves the session as it was). A
     /// [`destroy`](Session::destroy) is carried out either way.
     pub fn save_on_server_error(mut self, save: bool) -> Self {
         self.save_on_server_error = save;
@@ -426,20 +427,30 @@ fn header_items(headers: &HeaderMap, name: http::header::HeaderName) -> Vec<Stri
         .collect()
 }
 
+/// Headers by which CDNs let the origin override `Cache-Control` for them alone.
+const CDN_CACHE_HEADERS: [&str; 2] = ["cdn-cache-control", "surrogate-control"];
+
 /// Keeps shared caches from storing a response that sets the session cookie: no
-/// `Cache-Control` becomes `no-store`; one without `no-store` or `private` becomes `private`
-/// (without `public` or `s-maxage`, which only speak to shared caches).
+/// `Cache-Control` becomes `no-store`; one without `no-store` or a bare `private` becomes
+/// `private` (without `public`, `s-maxage` or a `private` qualified with field names, which
+/// lets shared caches store the rest); CDN-only cache headers are removed.
 fn make_private(headers: &mut HeaderMap) {
+    for cdn_header in CDN_CACHE_HEADERS {
+        headers.remove(cdn_header);
+    }
     let directives = header_items(headers, CACHE_CONTROL);
     let name_of = |directive: &str| {
         let name = directive.split('=').next().unwrap_or_default();
         name.trim().to_ascii_lowercase()
     };
     let names: Vec<String> = directives.iter().map(|d| name_of(d)).collect();
-    if names
+    // A bare `private` or `no-store` keeps every shared cache out; a `private` qualified with
+    // field names does not.
+    let keeps_shared_caches_out = directives
         .iter()
-        .any(|name| name == "no-store" || name == "private")
-    {
+        .zip(&names)
+        .any(|(directive, name)| name == "no-store" || directive.eq_ignore_ascii_case("private"));
+    if keeps_shared_caches_out {
         return;
     }
     let value = if directives.is_empty() {
@@ -448,7 +459,7 @@ fn make_private(headers: &mut HeaderMap) {
         let kept = directives
             .iter()
             .zip(&names)
-            .filter(|(_, name)| *name != "public" && *name != "s-maxage")
+            .filter(|(_, name)| !matches!(name.as_str(), "public" | "s-maxage" | "private"))
             .map(|(directive, _)| directive.as_str());
         std::iter::once("private")
             .chain(kept)
@@ -517,10 +528,12 @@ where
             (self.layer.protect_caches, self.layer.save_on_server_error);
         Box::pin(async move {
             let mut response = inner.call(request).await?;
-            if response.extensions().get::<FailureMarker>().is_some() {
+            let handler_failed = response.extensions().get::<FailureMarker>().is_some();
+            if handler_failed {
                 *response.status_mut() = failure_status;
             }
-            let discard = response.status().is_server_error() && !save_on_server_error;
+            let discard =
+                (handler_failed || response.status().is_server_error()) && !save_on_server_error;
             if protect_caches && session.was_used().await {
                 vary_on_cookie(response.headers_mut());
             }

@@ -7,7 +7,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::{get, post};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE, HOST, ORIGIN, SET_COOKIE, VARY};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use session_core::{KeyRing, SessionConfig, SessionManager, SigningKey};
 use session_memory::MemoryStore;
 use session_tower::{CsrfLayer, SameOriginLayer, Session, SessionFailure, SessionLayer};
@@ -48,6 +48,31 @@ fn app(layer: SessionLayer) -> Router {
                 |session: Session, axum::extract::Path(value): axum::extract::Path<String>| async move {
                     session.insert("v", &value).await?;
                     Ok::<_, SessionFailure>(([(CACHE_CONTROL, "no-store, no-cache")], "set"))
+                },
+            ),
+        )
+        .route(
+            "/set-qualified/{value}",
+            get(
+                |session: Session, axum::extract::Path(value): axum::extract::Path<String>| async move {
+                    session.insert("v", &value).await?;
+                    Ok::<_, SessionFailure>((
+                        [
+                            (CACHE_CONTROL, "private=\"X-User\", max-age=600"),
+                            (HeaderName::from_static("cdn-cache-control"), "max-age=600"),
+                            (HeaderName::from_static("surrogate-control"), "max-age=600"),
+                        ],
+                        "set",
+                    ))
+                },
+            ),
+        )
+        .route(
+            "/fail-by-session-error/{value}",
+            get(
+                |session: Session, axum::extract::Path(value): axum::extract::Path<String>| async move {
+                    session.insert("v", &value).await?;
+                    Err::<&str, _>(SessionFailure(session_core::SessionError::AlreadyCommitted))
                 },
             ),
         )
@@ -110,6 +135,14 @@ async fn a_response_setting_the_cookie_is_kept_out_of_shared_caches() {
 
     let response = send(&app, "/set-no-store/1", None).await;
     assert_eq!(header(&response, CACHE_CONTROL), ["no-store, no-cache"]);
+
+    // A private qualified with field names lets a shared cache store the rest of the
+    // response; CDN-only cache headers override Cache-Control at the CDNs that honour them.
+    let response = send(&app, "/set-qualified/1", None).await;
+    assert!(set_cookie(&response).is_some());
+    assert_eq!(header(&response, CACHE_CONTROL), ["private, max-age=600"]);
+    assert!(header(&response, HeaderName::from_static("cdn-cache-control")).is_empty());
+    assert!(header(&response, HeaderName::from_static("surrogate-control")).is_empty());
 }
 
 #[tokio::test]
@@ -156,6 +189,12 @@ async fn a_failing_handler_saves_nothing_but_a_logout_still_happens() {
 
     let saving = self::app(SessionLayer::new(manager()).save_on_server_error(true));
     assert!(set_cookie(&send(&saving, "/fail/x", None).await).is_some());
+
+    // A handler that fails through SessionFailure fails, whatever status the layer gives it.
+    let teapot = self::app(SessionLayer::new(manager()).failure_status(StatusCode::IM_A_TEAPOT));
+    let failed = send(&teapot, "/fail-by-session-error/x", None).await;
+    assert_eq!(failed.status(), StatusCode::IM_A_TEAPOT);
+    assert!(set_cookie(&failed).is_none());
 }
 
 #[tokio::test]
@@ -368,7 +407,11 @@ async fn the_same_origin_check_works_alone_and_trusts_named_origins() {
     let app = Router::new()
         .route("/change", post(|| async { "changed" }))
         .route("/read", get(|| async { "read" }))
-        .layer(SameOriginLayer::new().trust_origin("https://front.example/"));
+        .layer(
+            SameOriginLayer::new()
+                .trust_origin("https://front.example/")
+                .unwrap(),
+        );
     let post_from = |origin: &str| {
         Request::builder()
             .method("POST")

@@ -8,8 +8,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use session_conformance::recording::RecordingStore;
 use session_core::{
-    CommitStatus, ConfigError, CookieConfig, KeyRing, SameSite, SessionConfig, SessionError,
-    SessionManager, SessionStore, SigningKey, StoreError,
+    CommitStatus, ConfigError, CookieConfig, KeyRing, SameKeyConflict, SameSite, SessionConfig,
+    SessionError, SessionManager, SessionStore, SigningKey, StoreError,
 };
 use session_memory::MemoryStore;
 
@@ -732,4 +732,85 @@ async fn saves_push_the_expiry_back_and_refresh_the_cookie_only_when_a_touch_is_
 fn session_key(cookie: &str) -> session_core::StorageKey {
     let verified = KeyRing::single(key(1)).verify("session", cookie).unwrap();
     session_core::StorageKey::derive(&session_core::KeyPrefix::default(), verified.id())
+}
+
+#[tokio::test]
+async fn a_request_on_the_pre_login_id_cannot_put_its_token_into_the_logged_in_session() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let before_login = logged_in(&manager).await;
+    // A slow request loads the session while it has no token.
+    let mut slow = manager.load(Some(&before_login)).await.unwrap();
+    // The victim loads the login form (a token is made) and logs in (the id is cycled).
+    let mut form = manager.load(Some(&before_login)).await.unwrap();
+    form.csrf_token().unwrap();
+    manager.commit(form).await.unwrap();
+    let mut login = manager.load(Some(&before_login)).await.unwrap();
+    login.insert("user", "victim").unwrap();
+    login.cycle_id();
+    let after_login = manager.commit(login).await.unwrap().cookie.unwrap().value;
+    // The slow request renders a form with a token of its own and commits into the new id.
+    let known = slow.csrf_token().unwrap();
+    let outcome = manager.commit(slow).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Followed);
+    let session = manager.load(Some(&after_login)).await.unwrap();
+    assert!(!session.verify_csrf_token(&known));
+
+    // Also when the login made no token at all: the slow request's token is not carried over.
+    let before_login = logged_in(&manager).await;
+    let mut slow = manager.load(Some(&before_login)).await.unwrap();
+    let mut login = manager.load(Some(&before_login)).await.unwrap();
+    login.cycle_id();
+    let after_login = manager.commit(login).await.unwrap().cookie.unwrap().value;
+    let known = slow.csrf_token().unwrap();
+    slow.insert("seen", &true).unwrap();
+    let outcome = manager.commit(slow).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Followed);
+    let session = manager.load(Some(&after_login)).await.unwrap();
+    assert!(!session.verify_csrf_token(&known));
+    assert_eq!(session.get::<bool>("seen").unwrap(), Some(true));
+}
+
+#[tokio::test]
+async fn pages_rendered_at_once_both_get_a_token_that_verifies() {
+    for policy in [SameKeyConflict::LastWriterWins, SameKeyConflict::Fail] {
+        let store = Recording::default();
+        let config = SessionConfig::new(KeyRing::single(key(1))).same_key_conflicts(policy);
+        let manager = manager_with(&store, config);
+        let cookie = logged_in(&manager).await;
+        // Right after a login, the session already has its new token: pages rendered at
+        // once do not race to make one.
+        let mut login = manager.load(Some(&cookie)).await.unwrap();
+        login.csrf_token().unwrap();
+        login.cycle_id();
+        let cookie = manager.commit(login).await.unwrap().cookie.unwrap().value;
+        let mut first = manager.load(Some(&cookie)).await.unwrap();
+        let mut second = manager.load(Some(&cookie)).await.unwrap();
+        let tokens = [first.csrf_token().unwrap(), second.csrf_token().unwrap()];
+        manager.commit(first).await.unwrap();
+        manager.commit(second).await.unwrap();
+        let session = manager.load(Some(&cookie)).await.unwrap();
+        for token in &tokens {
+            assert!(session.verify_csrf_token(token), "{policy:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_first_tokens_made_at_once_never_fail_a_page() {
+    // A session without a token, rendered twice at once: neither commit fails, whatever the
+    // conflict policy; the token the first commit stored stays.
+    let store = Recording::default();
+    let config =
+        SessionConfig::new(KeyRing::single(key(1))).same_key_conflicts(SameKeyConflict::Fail);
+    let manager = manager_with(&store, config);
+    let cookie = logged_in(&manager).await;
+    let mut first = manager.load(Some(&cookie)).await.unwrap();
+    let mut second = manager.load(Some(&cookie)).await.unwrap();
+    let first_token = first.csrf_token().unwrap();
+    second.csrf_token().unwrap();
+    manager.commit(first).await.unwrap();
+    manager.commit(second).await.unwrap();
+    let session = manager.load(Some(&cookie)).await.unwrap();
+    assert!(session.verify_csrf_token(&first_token));
 }
