@@ -216,6 +216,8 @@ pub struct SessionConfig {
     pub(crate) touch_threshold: Option<Duration>,
     pub(crate) key_prefix: KeyPrefix,
     pub(crate) max_encoded_size: usize,
+    /// Whether `max_encoded_size` was set (else it follows the store's limit when lower).
+    pub(crate) max_encoded_size_set: bool,
     pub(crate) cookie: CookieConfig,
     pub(crate) max_conflict_retries: u32,
     pub(crate) same_key_conflict: SameKeyConflict,
@@ -241,6 +243,7 @@ impl SessionConfig {
             touch_threshold: None,
             key_prefix: KeyPrefix::default(),
             max_encoded_size: Self::DEFAULT_MAX_ENCODED_SIZE,
+            max_encoded_size_set: false,
             cookie: CookieConfig::default(),
             max_conflict_retries: Self::DEFAULT_MAX_CONFLICT_RETRIES,
             same_key_conflict: SameKeyConflict::default(),
@@ -274,9 +277,11 @@ impl SessionConfig {
         self
     }
 
-    /// The largest encoded session the manager writes (default 64 KiB).
+    /// The largest encoded session the manager writes (default 64 KiB, or the store's
+    /// record limit if that is lower). Set above the store's limit, the manager refuses it.
     pub fn max_encoded_size(mut self, bytes: usize) -> Self {
         self.max_encoded_size = bytes;
+        self.max_encoded_size_set = true;
         self
     }
 
@@ -328,8 +333,12 @@ impl SessionConfig {
             .unwrap_or((self.idle_timeout / 2).max(MIN_TTL))
     }
 
-    /// Checks the configuration against itself and against the limits of `store`.
-    pub(crate) fn validate_for(&self, store: &dyn SessionStore) -> Result<(), ConfigError> {
+    /// Checks the configuration against itself and against the limits of `store`, and lowers
+    /// a default maximum encoded size to the store's record limit.
+    pub(crate) fn fit_to(&mut self, store: &dyn SessionStore) -> Result<(), ConfigError> {
+        if !self.max_encoded_size_set {
+            self.max_encoded_size = self.max_encoded_size.min(store.max_record_size());
+        }
         self.validate()?;
         let key_len = self.key_prefix.as_str().len() + StorageKey::HASH_TEXT_LEN;
         if let Some(limit) = store.max_key_len()

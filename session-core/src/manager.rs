@@ -243,9 +243,12 @@ impl SessionManager {
     /// Besides its own rules, the configuration must fit the store: storage keys within
     /// [`SessionStore::max_key_len`] and a
     /// [`max_encoded_size`](SessionConfig::max_encoded_size) within
-    /// [`SessionStore::max_record_size`].
-    pub fn new(store: Arc<dyn SessionStore>, config: SessionConfig) -> Result<Self, ConfigError> {
-        config.validate_for(&*store)?;
+    /// [`SessionStore::max_record_size`] (a maximum left at its default is lowered to it).
+    pub fn new(
+        store: Arc<dyn SessionStore>,
+        mut config: SessionConfig,
+    ) -> Result<Self, ConfigError> {
+        config.fit_to(&*store)?;
         Ok(Self {
             store,
             config: Arc::new(config),

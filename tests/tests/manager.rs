@@ -246,11 +246,12 @@ async fn debug_shows_value_names_and_sizes_never_value_bytes() {
 async fn a_configuration_that_does_not_fit_the_store_is_refused() {
     let small = MemoryStore::builder().max_record_size(1000).build();
     let config = || SessionConfig::new(KeyRing::single(key(1)));
-    let refused = SessionManager::new(Arc::new(small.clone()), config()).unwrap_err();
+    let refused =
+        SessionManager::new(Arc::new(small.clone()), config().max_encoded_size(1001)).unwrap_err();
     assert_eq!(
         refused,
         ConfigError::MaxEncodedSizeOverStoreLimit {
-            max_encoded_size: SessionConfig::DEFAULT_MAX_ENCODED_SIZE,
+            max_encoded_size: 1001,
             store_limit: 1000
         }
     );
@@ -258,7 +259,18 @@ async fn a_configuration_that_does_not_fit_the_store_is_refused() {
         refused.to_string().contains("record limit of 1000"),
         "{refused}"
     );
-    assert!(SessionManager::new(Arc::new(small), config().max_encoded_size(1000)).is_ok());
+    // Left at its default, the maximum follows the store's lower limit: an oversized
+    // session is the manager's typed error, and nothing is written.
+    let store = Recording::new(small);
+    let manager = manager_with(&store, config());
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("big", &"x".repeat(2000)).unwrap();
+    store.take_calls();
+    assert!(matches!(
+        manager.commit(session).await,
+        Err(SessionError::TooLarge { limit: 1000, .. })
+    ));
+    assert!(store.take_calls().is_empty());
 }
 
 #[tokio::test]
