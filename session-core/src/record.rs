@@ -28,7 +28,7 @@ mod byte_values {
     use std::collections::BTreeMap;
     use std::fmt;
 
-    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
     use serde::{Deserialize, Serialize, Serializer};
 
     struct Bytes<'a>(&'a [u8]);
@@ -81,14 +81,29 @@ mod byte_values {
         }
     }
 
+    /// Builds the map entry by entry (no intermediate map of wrappers).
+    struct ValuesVisitor;
+
+    impl<'de> Visitor<'de> for ValuesVisitor {
+        type Value = BTreeMap<String, Vec<u8>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map of names to byte strings")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut values = BTreeMap::new();
+            while let Some((name, ByteBuf(bytes))) = map.next_entry::<String, ByteBuf>()? {
+                values.insert(name, bytes);
+            }
+            Ok(values)
+        }
+    }
+
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<BTreeMap<String, Vec<u8>>, D::Error> {
-        let values = BTreeMap::<String, ByteBuf>::deserialize(deserializer)?;
-        Ok(values
-            .into_iter()
-            .map(|(name, bytes)| (name, bytes.0))
-            .collect())
+        deserializer.deserialize_map(ValuesVisitor)
     }
 }
 
