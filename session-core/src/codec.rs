@@ -7,15 +7,18 @@
 //! reads its length prefix, checked only against a claim limit that also counts every integer
 //! at its in-memory size (16 bytes for a `u128` whose varint takes one byte): so each decode
 //! runs under the smallest claim limit of 64 KiB, 1 MiB, 16 MiB, 256 MiB and [`DECODE_LIMIT`]
-//! that is at least 16 times the input's length, which genuine bytes never exceed. A few
-//! hostile bytes claiming a 60 MiB string fail before anything is allocated. A record's
-//! values are byte strings, so their lengths are claimed too. A stored entry is decoded only
-//! if it is within its store's record limit ([`decode_entry_within`]).
+//! that is at least 16 times the input's length, which genuine bytes never exceed. A stored
+//! entry is decoded only if it is within its store's record limit ([`decode_entry_within`]).
+//! A record's names and values are read as borrowed slices of the input and copied only once
+//! found there, so hostile record bytes allocate no more than their own length (a few bytes
+//! claiming a 60 MiB name, or a 64 KiB record claiming a 16 MB value, fail without it).
 //!
-//! An application type whose in-memory form is much larger than its encoding (a long vector
-//! of `None` of a large array type) still takes that memory when decoded, and serde reserves
-//! up to a mebibyte for a sequence on the word of its length prefix; keep session values small
-//! and plain.
+//! An application value is decoded by its own serde type, so hostile bytes inside it can make
+//! the decoder allocate up to 16 times their length for a string, and serde reserves up to a
+//! mebibyte for a sequence on the word of its length prefix. A type whose in-memory form is
+//! much larger than its encoding (a long vector of `None` of a large array type) takes that
+//! memory, and a sequence of a zero-sized type costs time per claimed element with no input
+//! to read. Keep session values small and plain.
 //!
 //! A moved marker (what an id cycle leaves under the old key, see [`crate::store`]) is the
 //! format byte [`FORMAT_MOVED`] followed by the new storage key as ASCII text.

@@ -10,6 +10,9 @@ use crate::store::{MAX_TTL, MIN_TTL, SessionStore};
 /// The most bytes of name and value a browser keeps for one cookie (RFC 6265bis).
 const MAX_COOKIE_BYTES: usize = 4096;
 
+/// The longest attribute value a browser heeds (RFC 6265bis); a longer one is ignored.
+const MAX_ATTRIBUTE_BYTES: usize = 1024;
+
 /// The `SameSite` attribute of the session cookie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SameSite {
@@ -155,8 +158,12 @@ impl CookieConfig {
             return broken("Path must start with '/'");
         }
         // The value is the signed id, whose length is fixed.
-        if self.name.len() + 1 + crate::signing::COOKIE_VALUE_LEN > MAX_COOKIE_BYTES {
+        if self.name.len() + crate::signing::COOKIE_VALUE_LEN > MAX_COOKIE_BYTES {
             return broken("the cookie's name and value must fit in 4096 bytes");
+        }
+        let domain_len = self.domain.as_deref().map_or(0, str::len);
+        if self.path.len() > MAX_ATTRIBUTE_BYTES || domain_len > MAX_ATTRIBUTE_BYTES {
+            return broken("Path and Domain must be at most 1024 bytes");
         }
         if self.same_site == SameSite::None && !self.secure {
             return broken("SameSite=None requires Secure");
@@ -546,11 +553,21 @@ mod tests {
             refused(CookieConfig::default().name("n".repeat(4096))),
             "the cookie's name and value must fit in 4096 bytes"
         );
+        let longest_name = 4096 - crate::signing::COOKIE_VALUE_LEN;
         assert!(
             config()
-                .cookie(CookieConfig::default().name("n".repeat(4000)))
+                .cookie(CookieConfig::default().name("n".repeat(longest_name)))
                 .validate()
                 .is_ok()
+        );
+        // Browsers ignore a Path or Domain over 1024 bytes.
+        assert_eq!(
+            refused(CookieConfig::default().path(format!("/{}", "a".repeat(1024)))),
+            "Path and Domain must be at most 1024 bytes"
+        );
+        assert_eq!(
+            refused(CookieConfig::default().domain(Some("a".repeat(1025)))),
+            "Path and Domain must be at most 1024 bytes"
         );
         for fine in [
             CookieConfig::default().same_site(SameSite::None),

@@ -739,6 +739,9 @@ impl SessionManager {
                 std::panic::resume_unwind(panic);
             }
         }
+        // The new id keeps the CSRF token this cycle gave it (rotated, or none): a token a
+        // concurrent request saved under the old id was rendered for that id.
+        set_value_as_in(&mut record, &session.record, csrf::TOKEN_VALUE_NAME);
         self.check_size(&record)?;
         let saved = self.store.save(new_key, &record, ttl, new_version).await?;
         Ok(Carry::Again {
@@ -874,16 +877,12 @@ impl SessionManager {
                     };
                     key = latest_key;
                     let mut record = loaded.record;
-                    let moved_token = (key != stored.key)
-                        .then(|| record.value(csrf::TOKEN_VALUE_NAME).map(<[u8]>::to_vec));
+                    let followed = (key != stored.key).then(|| record.clone());
                     session.replay_onto(&mut record, self.config.same_key_conflict)?;
-                    if let Some(token) = moved_token {
+                    if let Some(followed) = followed {
                         // A request on the id before a move (a login) never changes the CSRF
                         // token of the session it follows: its token was rendered for the old id.
-                        match token {
-                            Some(token) => record.set_value(csrf::TOKEN_VALUE_NAME, token),
-                            None => record.remove_value(csrf::TOKEN_VALUE_NAME),
-                        };
+                        set_value_as_in(&mut record, &followed, csrf::TOKEN_VALUE_NAME);
                     }
                     newer = Some(record);
                     version = loaded.version;
@@ -987,6 +986,18 @@ impl SessionManager {
             http_only: cookie.http_only,
             same_site: cookie.same_site,
             partitioned: cookie.partitioned,
+        }
+    }
+}
+
+/// Makes the value `name` of `record` what it is in `source` (set or absent).
+fn set_value_as_in(record: &mut Record, source: &Record, name: &str) {
+    match source.value(name) {
+        Some(bytes) => {
+            record.set_value(name, bytes.to_vec());
+        }
+        None => {
+            record.remove_value(name);
         }
     }
 }

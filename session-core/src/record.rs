@@ -21,9 +21,10 @@ pub struct Record {
 }
 
 /// The values as byte strings rather than sequences of `u8`: the same bytes on the wire (a
-/// length, then the bytes), but a decoder reads a byte string as one buffer whose length it
-/// checks against its limit, where it would reserve up to a mebibyte on the word of a
-/// sequence's length prefix before reading a single element.
+/// length, then the bytes). Names and values are read as borrowed `str` and `[u8]` and copied
+/// only once the decoder has found that many bytes in its input, so a length prefix alone
+/// never makes it allocate (an owned read would allocate the claimed length first, and a
+/// sequence would reserve up to a mebibyte on the word of its prefix).
 mod byte_values {
     use std::collections::BTreeMap;
     use std::fmt;
@@ -77,7 +78,34 @@ mod byte_values {
 
     impl<'de> Deserialize<'de> for ByteBuf {
         fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-            deserializer.deserialize_byte_buf(ByteBufVisitor)
+            deserializer.deserialize_bytes(ByteBufVisitor)
+        }
+    }
+
+    /// A value's name, read as a borrowed `str` where the format allows.
+    struct Name(String);
+
+    struct NameVisitor;
+
+    impl<'de> Visitor<'de> for NameVisitor {
+        type Value = Name;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a value name")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Name, E> {
+            Ok(Name(name.to_owned()))
+        }
+
+        fn visit_string<E: serde::de::Error>(self, name: String) -> Result<Name, E> {
+            Ok(Name(name))
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Name {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_str(NameVisitor)
         }
     }
 
@@ -93,7 +121,7 @@ mod byte_values {
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut values = BTreeMap::new();
-            while let Some((name, ByteBuf(bytes))) = map.next_entry::<String, ByteBuf>()? {
+            while let Some((Name(name), ByteBuf(bytes))) = map.next_entry::<Name, ByteBuf>()? {
                 values.insert(name, bytes);
             }
             Ok(values)

@@ -284,8 +284,9 @@ impl Session {
     /// The session's CSRF token, masked afresh for this response (see [`csrf`](crate::csrf)),
     /// for a hidden form field or a header. The first call on a session without a token makes
     /// one, which is a change: an anonymous session is then created. Two requests that make
-    /// the first token at once never fail: the token stored first is kept (the other page's
-    /// forms are refused until it is reloaded).
+    /// the first token at once do not fail: the token stored first is kept (the other page's
+    /// forms are refused until it is reloaded); only a request that also cleared the session
+    /// meets the other's token as a same-key conflict, as it would any value.
     pub fn csrf_token(&mut self) -> Result<String, SessionError> {
         let token = match self.get::<csrf::Token>(csrf::TOKEN_VALUE_NAME) {
             Ok(Some(token)) => token,

@@ -53,7 +53,11 @@ impl Origins {
             .map(|value| String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase());
         let trusted = origin
             .as_deref()
-            .is_some_and(|origin| self.trusted.iter().any(|t| t == origin));
+            .and_then(web_origin)
+            .is_some_and(|(scheme, authority)| {
+                let origin = format!("{scheme}://{authority}");
+                self.trusted.contains(&origin)
+            });
         if let Some(site) = headers.get(SEC_FETCH_SITE) {
             return match site.as_bytes() {
                 b"same-origin" | b"none" => None,
@@ -69,31 +73,66 @@ impl Origins {
             .get(HOST)
             .map(|value| String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase())
             .or_else(|| uri.authority().map(|a| a.as_str().to_ascii_lowercase()));
-        let origin_host = web_origin(&origin).map(|(_, authority)| authority);
-        match (origin_host, host) {
-            (Some(origin_host), Some(host)) if origin_host == host => None,
-            _ => Some("the Origin header names another origin"),
+        // The Host header may carry the default port of the Origin's scheme (some proxies
+        // add it); browsers never put it in Origin.
+        let same = web_origin(&origin)
+            .zip(host)
+            .is_some_and(|((scheme, origin_host), host)| {
+                let host = host
+                    .parse::<http::uri::Authority>()
+                    .map(|host| without_default_port(scheme, &host))
+                    .unwrap_or(host);
+                origin_host == host
+            });
+        if same {
+            None
+        } else {
+            Some("the Origin header names another origin")
         }
     }
 
     fn trust(&mut self, origin: &str) -> Result<(), InvalidOrigin> {
         let (scheme, authority) = web_origin(origin.trim_end_matches('/')).ok_or(InvalidOrigin)?;
-        self.trusted
-            .push(format!("{scheme}://{authority}").to_ascii_lowercase());
+        self.trusted.push(format!("{scheme}://{authority}"));
         Ok(())
     }
 }
 
 /// The scheme and authority of `origin` if it is a web origin (`http` or `https`, a host, an
-/// optional port, nothing else).
-fn web_origin(origin: &str) -> Option<(&str, &str)> {
+/// optional port that is a number, nothing else), lowercase and without the scheme's default
+/// port (browsers leave it out of `Origin`).
+fn web_origin(origin: &str) -> Option<(&'static str, String)> {
     let (scheme, authority) = origin.split_once("://")?;
-    let scheme_is_web = scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https");
-    let authority_is_plain = !authority.is_empty()
-        && authority
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
-    (scheme_is_web && authority_is_plain).then_some((scheme, authority))
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "http" => "http",
+        "https" => "https",
+        _ => return None,
+    };
+    let parsed: http::uri::Authority = authority.parse().ok()?;
+    if parsed.as_str() != authority || authority.contains('@') || parsed.host().is_empty() {
+        return None;
+    }
+    if authority.ends_with(':') || parsed.host().starts_with('[') && !parsed.host().ends_with(']') {
+        return None;
+    }
+    let host_is_plain = parsed
+        .host()
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        && parsed.host().bytes().any(|b| b.is_ascii_alphanumeric());
+    if !host_is_plain {
+        return None;
+    }
+    Some((scheme, without_default_port(scheme, &parsed)))
+}
+
+/// `authority` lowercase, without the port when it is `scheme`'s default.
+fn without_default_port(scheme: &str, authority: &http::uri::Authority) -> String {
+    let default = if scheme == "https" { 443 } else { 80 };
+    match authority.port_u16() {
+        Some(port) if port == default => authority.host().to_ascii_lowercase(),
+        _ => authority.as_str().to_ascii_lowercase(),
+    }
 }
 
 /// A trusted origin that is not `http://` or `https://` followed by a host and an optional

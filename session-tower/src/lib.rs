@@ -427,8 +427,16 @@ fn header_items(headers: &HeaderMap, name: http::header::HeaderName) -> Vec<Stri
         .collect()
 }
 
-/// Headers by which CDNs let the origin override `Cache-Control` for them alone.
-const CDN_CACHE_HEADERS: [&str; 2] = ["cdn-cache-control", "surrogate-control"];
+/// Headers by which CDNs and caching proxies let the origin override `Cache-Control` for them
+/// alone.
+const CDN_CACHE_HEADERS: [&str; 6] = [
+    "cdn-cache-control",
+    "surrogate-control",
+    "cloudflare-cdn-cache-control",
+    "vercel-cdn-cache-control",
+    "edge-control",
+    "x-accel-expires",
+];
 
 /// Keeps shared caches from storing a response that sets the session cookie: no
 /// `Cache-Control` becomes `no-store`; one without `no-store` or a bare `private` becomes

@@ -61,6 +61,8 @@ fn app(layer: SessionLayer) -> Router {
                             (CACHE_CONTROL, "private=\"X-User\", max-age=600"),
                             (HeaderName::from_static("cdn-cache-control"), "max-age=600"),
                             (HeaderName::from_static("surrogate-control"), "max-age=600"),
+                            (HeaderName::from_static("cloudflare-cdn-cache-control"), "max-age=600"),
+                            (HeaderName::from_static("x-accel-expires"), "600"),
                         ],
                         "set",
                     ))
@@ -142,7 +144,17 @@ async fn a_response_setting_the_cookie_is_kept_out_of_shared_caches() {
     assert!(set_cookie(&response).is_some());
     assert_eq!(header(&response, CACHE_CONTROL), ["private, max-age=600"]);
     assert!(header(&response, HeaderName::from_static("cdn-cache-control")).is_empty());
-    assert!(header(&response, HeaderName::from_static("surrogate-control")).is_empty());
+    for cdn_header in [
+        "cdn-cache-control",
+        "surrogate-control",
+        "cloudflare-cdn-cache-control",
+        "x-accel-expires",
+    ] {
+        assert!(
+            header(&response, HeaderName::from_static(cdn_header)).is_empty(),
+            "{cdn_header}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -433,6 +445,66 @@ async fn the_same_origin_check_works_alone_and_trusts_named_origins() {
         status_of(&app, post_from("https://evil.example")).await.0,
         StatusCode::FORBIDDEN
     );
+    // Without Sec-Fetch-Site, the Origin must be a web origin of this host.
+    for odd in ["ftp://api.example", "x://api.example", "api.example"] {
+        assert_eq!(
+            status_of(&app, post_from(odd)).await.0,
+            StatusCode::FORBIDDEN,
+            "{odd}"
+        );
+    }
+    // Trusted origins must be origins.
+    for bad in [
+        "front.example",
+        "https://front.example/path",
+        "https://",
+        "null",
+        "http://a:b:c",
+        "https://front.example:",
+        "https://[::1",
+        "https://..",
+    ] {
+        assert!(SameOriginLayer::new().trust_origin(bad).is_err(), "{bad}");
+        assert!(CsrfLayer::new().trust_origin(bad).is_err(), "{bad}");
+    }
+    assert!(
+        SameOriginLayer::new()
+            .trust_origin("http://localhost:8080")
+            .is_ok()
+    );
+    // Default ports: browsers leave them out of Origin; proxies may put them in Host.
+    let with_port = Router::new()
+        .route("/change", post(|| async { "changed" }))
+        .layer(
+            SameOriginLayer::new()
+                .trust_origin("https://front.example:443")
+                .unwrap(),
+        );
+    let from = |host: &str, origin: &str| {
+        Request::builder()
+            .method("POST")
+            .uri("/change")
+            .header(HOST, host)
+            .header(ORIGIN, origin)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for (host, origin, expected) in [
+        ("api.example", "https://front.example", StatusCode::OK),
+        ("app.example:443", "https://app.example", StatusCode::OK),
+        ("app.example:80", "http://app.example", StatusCode::OK),
+        (
+            "app.example:443",
+            "http://app.example",
+            StatusCode::FORBIDDEN,
+        ),
+    ] {
+        assert_eq!(
+            status_of(&with_port, from(host, origin)).await.0,
+            expected,
+            "{host} {origin}"
+        );
+    }
     // Safe methods are never refused.
     let read = Request::builder()
         .uri("/read")

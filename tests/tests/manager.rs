@@ -784,6 +784,34 @@ async fn a_request_on_the_pre_login_id_cannot_put_its_token_into_the_logged_in_s
 }
 
 #[tokio::test]
+async fn a_token_saved_on_the_pre_login_id_while_the_login_ran_does_not_reach_the_new_id() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let before_login = logged_in(&manager).await;
+    let mut login = manager.load(Some(&before_login)).await.unwrap();
+    let mut slow = manager.load(Some(&before_login)).await.unwrap();
+    let known = slow.csrf_token().unwrap();
+    assert_eq!(
+        manager.commit(slow).await.unwrap().status,
+        CommitStatus::Saved
+    );
+    // The login's mark conflicts with that save, and its changes are carried over.
+    login.insert("user", "victim").unwrap();
+    login.cycle_id();
+    let outcome = manager.commit(login).await.unwrap();
+    assert_eq!(outcome.status, CommitStatus::Cycled);
+    let session = manager
+        .load(Some(&outcome.cookie.unwrap().value))
+        .await
+        .unwrap();
+    assert_eq!(
+        session.get::<String>("user").unwrap().as_deref(),
+        Some("victim")
+    );
+    assert!(!session.verify_csrf_token(&known));
+}
+
+#[tokio::test]
 async fn pages_rendered_at_once_both_get_a_token_that_verifies() {
     for policy in [SameKeyConflict::LastWriterWins, SameKeyConflict::Fail] {
         let store = Recording::default();
