@@ -60,7 +60,7 @@ use session_core::{CommitOutcome, CommitStatus, SessionError, SessionManager};
 use tokio::sync::Mutex;
 
 mod csrf;
-pub use csrf::{CsrfLayer, CsrfService, InvalidOrigin, SameOriginLayer, SameOriginService};
+pub use csrf::{CsrfLayer, CsrfService, CsrfTokenService, InvalidOrigin, SameOriginLayer};
 
 /// Where the request's session is in its life.
 enum Slot {

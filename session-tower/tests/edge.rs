@@ -421,7 +421,7 @@ async fn the_same_origin_check_works_alone_and_trusts_named_origins() {
         .route("/read", get(|| async { "read" }))
         .layer(
             SameOriginLayer::new()
-                .trust_origin("https://front.example/")
+                .add_trusted_origin("https://front.example")
                 .unwrap(),
         );
     let post_from = |origin: &str| {
@@ -433,77 +433,31 @@ async fn the_same_origin_check_works_alone_and_trusts_named_origins() {
             .body(Body::empty())
             .unwrap()
     };
-    assert_eq!(
-        status_of(&app, post_from("http://api.example")).await.0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        status_of(&app, post_from("https://front.example")).await.0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        status_of(&app, post_from("https://evil.example")).await.0,
-        StatusCode::FORBIDDEN
-    );
-    // Without Sec-Fetch-Site, the Origin must be a web origin of this host.
-    for odd in ["ftp://api.example", "x://api.example", "api.example"] {
+    for (origin, expected) in [
+        ("http://api.example", StatusCode::OK),
+        ("https://front.example", StatusCode::OK),
+        ("https://evil.example", StatusCode::FORBIDDEN),
+        ("null", StatusCode::FORBIDDEN),
+    ] {
         assert_eq!(
-            status_of(&app, post_from(odd)).await.0,
-            StatusCode::FORBIDDEN,
-            "{odd}"
+            status_of(&app, post_from(origin)).await.0,
+            expected,
+            "{origin}"
         );
     }
-    // Trusted origins must be origins.
+    // Trusted origins must be origins as browsers send them.
     for bad in [
         "front.example",
+        "https://front.example/",
         "https://front.example/path",
-        "https://",
+        "ftp://front.example",
         "null",
-        "http://a:b:c",
-        "https://front.example:",
-        "https://[::1",
-        "https://..",
     ] {
-        assert!(SameOriginLayer::new().trust_origin(bad).is_err(), "{bad}");
+        assert!(
+            SameOriginLayer::new().add_trusted_origin(bad).is_err(),
+            "{bad}"
+        );
         assert!(CsrfLayer::new().trust_origin(bad).is_err(), "{bad}");
-    }
-    assert!(
-        SameOriginLayer::new()
-            .trust_origin("http://localhost:8080")
-            .is_ok()
-    );
-    // Default ports: browsers leave them out of Origin; proxies may put them in Host.
-    let with_port = Router::new()
-        .route("/change", post(|| async { "changed" }))
-        .layer(
-            SameOriginLayer::new()
-                .trust_origin("https://front.example:443")
-                .unwrap(),
-        );
-    let from = |host: &str, origin: &str| {
-        Request::builder()
-            .method("POST")
-            .uri("/change")
-            .header(HOST, host)
-            .header(ORIGIN, origin)
-            .body(Body::empty())
-            .unwrap()
-    };
-    for (host, origin, expected) in [
-        ("api.example", "https://front.example", StatusCode::OK),
-        ("app.example:443", "https://app.example", StatusCode::OK),
-        ("app.example:80", "http://app.example", StatusCode::OK),
-        (
-            "app.example:443",
-            "http://app.example",
-            StatusCode::FORBIDDEN,
-        ),
-    ] {
-        assert_eq!(
-            status_of(&with_port, from(host, origin)).await.0,
-            expected,
-            "{host} {origin}"
-        );
     }
     // Safe methods are never refused.
     let read = Request::builder()
