@@ -126,10 +126,7 @@ async fn anonymous_request_without_data_writes_nothing_and_sets_no_cookie() {
 #[tokio::test]
 async fn new_session_cookie_has_the_configured_attributes() {
     let store = Recording::default();
-    let manager = manager(&store);
-    let mut session = manager.load(None).await.unwrap();
-    session.insert("n", &1u8).unwrap();
-    let cookie = manager.commit(session).await.unwrap().cookie.unwrap();
+    let cookie = new_session_cookie(&manager(&store)).await;
     // The idle timeout, twice: a refresh lost on the way must not let the cookie run out
     // before the next one.
     assert_eq!(cookie.max_age, Some(Duration::from_secs(7200)));
@@ -154,15 +151,8 @@ async fn new_session_cookie_has_the_configured_attributes() {
             .persistent(false)
             .domain(Some("example.com".into())),
     );
-    let manager = manager_with(&store, custom);
-    let mut session = manager.load(None).await.unwrap();
-    session.insert("n", &1u8).unwrap();
-    let header = manager
-        .commit(session)
+    let header = new_session_cookie(&manager_with(&store, custom))
         .await
-        .unwrap()
-        .cookie
-        .unwrap()
         .to_header_value();
     assert!(header.starts_with("sid="));
     assert_eq!(
@@ -181,10 +171,7 @@ async fn new_session_cookie_has_the_configured_attributes() {
             .same_site(SameSite::None)
             .partitioned(true),
     );
-    let manager = manager_with(&store, partitioned);
-    let mut session = manager.load(None).await.unwrap();
-    session.insert("n", &1u8).unwrap();
-    let cookie = manager.commit(session).await.unwrap().cookie.unwrap();
+    let cookie = new_session_cookie(&manager_with(&store, partitioned)).await;
     assert_eq!(
         attributes(&cookie.to_header_value()),
         [
@@ -196,6 +183,13 @@ async fn new_session_cookie_has_the_configured_attributes() {
             "Secure"
         ]
     );
+}
+
+/// The cookie directive of a new session holding one value.
+async fn new_session_cookie(manager: &SessionManager) -> session_core::CookieDirective {
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("n", &1u8).unwrap();
+    manager.commit(session).await.unwrap().cookie.unwrap()
 }
 
 /// The attributes of a `Set-Cookie` value, sorted (their order carries no meaning).
