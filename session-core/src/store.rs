@@ -183,6 +183,10 @@
 //!     fn max_record_size(&self) -> usize {
 //!         64 * 1024
 //!     }
+//!
+//!     fn max_key_len(&self) -> Option<usize> {
+//!         None
+//!     }
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -359,11 +363,10 @@ pub trait SessionStore: Send + Sync {
     fn max_record_size(&self) -> usize;
 
     /// The longest [`StorageKey`] this store can hold, in bytes, after anything the store adds
-    /// to it (its own prefix); `None` when keys of any length the manager makes fit (the
-    /// default). The manager refuses a key prefix that would make keys longer.
-    fn max_key_len(&self) -> Option<usize> {
-        None
-    }
+    /// to it (its own prefix); `None` when keys of any length the manager makes fit. The
+    /// manager refuses a key prefix that would make keys longer. (No default: a wrapper around
+    /// another store must pass its limit on.)
+    fn max_key_len(&self) -> Option<usize>;
 }
 
 macro_rules! forward_store {

@@ -1,8 +1,10 @@
-//! Moved markers on a real memcached: a touch does not stretch a marker past its TTL, and a
-//! server stall during a login's mark does not lose the session. Both began as findings of the
-//! adversarial review of the moved-marker change and failed on that code.
+//! Moved markers on a real memcached: a touch does not stretch a marker past its TTL, a server
+//! pause during a login's mark does not lose the session, and neither does a stall across the
+//! mark and its re-read. Each began as a finding of an adversarial review of the moved-marker
+//! change and failed on the code it was written against.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,7 +14,7 @@ use session_conformance::harness::{ServerKind, ServerProcess};
 use std::time::SystemTime;
 
 use session_core::{
-    CommitStatus, KeyPrefix, KeyRing, Record, SessionConfig, SessionId, SessionManager,
+    CommitStatus, KeyPrefix, KeyRing, Record, Session, SessionConfig, SessionId, SessionManager,
     SessionStore, SigningKey, StorageKey, StoreError, StoredEntry, Version,
 };
 use session_memcached::{MemcachedConfig, MemcachedStore};
@@ -72,6 +74,52 @@ async fn a_touch_does_not_stretch_a_marker_past_its_ttl() {
     );
 }
 
+/// A login about to commit on a memcached store (short timeouts) whose marks go through a
+/// fault hook.
+struct LoginUnderFault {
+    manager: SessionManager,
+    /// The store without the hook, to look at what the server holds.
+    inner: MemcachedStore,
+    /// The cookie of the session before the login.
+    cookie: String,
+    /// Its storage key.
+    old_key: StorageKey,
+    /// The login: loaded with `cookie`, the user set, the id to be cycled.
+    login: Session,
+}
+
+/// A session holding a cart on the memcached at `address`, and a login on it, with marks sent
+/// through `hook`.
+async fn login_under_fault<H: MarkHook + 'static>(address: String, hook: H) -> LoginUnderFault {
+    let config = MemcachedConfig::new([address])
+        .connect_timeout(Duration::from_millis(200))
+        .io_timeout(Duration::from_millis(300));
+    let inner = MemcachedStore::connect(config).await.unwrap();
+    let store = MarkHooked {
+        inner: inner.clone(),
+        hook,
+    };
+    let keys = KeyRing::single(SigningKey::new([3u8; 32]).unwrap());
+    let manager = SessionManager::new(Arc::new(store), SessionConfig::new(keys.clone())).unwrap();
+    let mut session = manager.load(None).await.unwrap();
+    session.insert("cart", "tea").unwrap();
+    let cookie = manager.commit(session).await.unwrap().cookie.unwrap().value;
+    let old_key = StorageKey::derive(
+        &KeyPrefix::default(),
+        keys.verify("session", &cookie).unwrap().id(),
+    );
+    let mut login = manager.load(Some(&cookie)).await.unwrap();
+    login.insert("user", "alice").unwrap();
+    login.cycle_id();
+    LoginUnderFault {
+        manager,
+        inner,
+        cookie,
+        old_key,
+        login,
+    }
+}
+
 /// A mark hook whose `mark_moved` runs while the memcached server is paused (SIGSTOP, as the
 /// project's own fault tests do), so the client times out with the request already in the
 /// server's socket buffer; the server is resumed once the client has given up.
@@ -109,30 +157,17 @@ async fn a_server_stall_during_a_login_mark_does_not_lose_the_session() {
     let Some(server) = ServerProcess::start(ServerKind::Memcached) else {
         return;
     };
-    let config = MemcachedConfig::new([server.address()])
-        .connect_timeout(Duration::from_millis(200))
-        .io_timeout(Duration::from_millis(300));
-    let inner = MemcachedStore::connect(config).await.unwrap();
-    let store = MarkHooked {
-        inner: inner.clone(),
-        hook: PausedDuringMark {
-            server: Arc::new(server),
-        },
+    let hook = PausedDuringMark {
+        server: Arc::new(server),
     };
-    let keys = KeyRing::single(SigningKey::new([3u8; 32]).unwrap());
-    let manager = SessionManager::new(Arc::new(store), SessionConfig::new(keys.clone())).unwrap();
-
-    let mut session = manager.load(None).await.unwrap();
-    session.insert("cart", "tea").unwrap();
-    let cookie = manager.commit(session).await.unwrap().cookie.unwrap().value;
-    let old_key = StorageKey::derive(
-        &KeyPrefix::default(),
-        keys.verify("session", &cookie).unwrap().id(),
-    );
-
-    let mut login = manager.load(Some(&cookie)).await.unwrap();
-    login.insert("user", "alice").unwrap();
-    login.cycle_id();
+    let address = hook.server.address();
+    let LoginUnderFault {
+        manager,
+        inner,
+        old_key,
+        login,
+        ..
+    } = login_under_fault(address, hook).await;
     // Either the manager saw its marker once the server was back (the cycle is done), or it
     // could not tell (an error, with the new entry kept); never a lost session.
     let committed = manager.commit(login).await;
@@ -152,5 +187,79 @@ async fn a_server_stall_during_a_login_mark_does_not_lose_the_session() {
             StoredEntry::Moved { .. } => "a marker pointing at a deleted entry",
             StoredEntry::Session(_) => "a session",
         })
+    );
+}
+
+/// A mark hook that stops the memcached server (SIGSTOP, as the project's fault tests do) when the
+/// first `mark_moved` is sent, and leaves it stopped: the test resumes it.
+#[derive(Clone)]
+struct StallFromMark {
+    server: Arc<ServerProcess>,
+    stalled: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl MarkHook for StallFromMark {
+    async fn mark_moved(
+        &self,
+        inner: &(dyn SessionStore + 'static),
+        key: &StorageKey,
+        version: Version,
+        to: &StorageKey,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if !self.stalled.swap(true, Ordering::SeqCst) {
+            self.server.pause();
+        }
+        inner.mark_moved(key, version, to, ttl).await
+    }
+}
+
+/// memcached stalls just as a login sends its mark, and stays stalled longer than the
+/// client's timeouts: the mark times out, and so does the re-read that would tell whether it
+/// landed. When memcached resumes it applies the mark still in its socket buffer. Whatever the
+/// commit answered, the cookie the browser keeps afterwards must reach the session, cart and
+/// all (removing the new entry, or leaving the browser with the old id, would lose it).
+#[tokio::test]
+async fn a_stall_across_a_logins_mark_and_re_read_keeps_the_session_reachable() {
+    let Some(server) = ServerProcess::start(ServerKind::Memcached) else {
+        return;
+    };
+    let server = Arc::new(server);
+    let hook = StallFromMark {
+        server: Arc::clone(&server),
+        stalled: Arc::default(),
+    };
+    let LoginUnderFault {
+        manager,
+        inner,
+        cookie,
+        old_key,
+        login,
+    } = login_under_fault(server.address(), hook).await;
+    let committed = manager.commit(login).await;
+    server.resume();
+    let browser = match &committed {
+        Ok(outcome) => outcome
+            .cookie
+            .as_ref()
+            .map_or(cookie.clone(), |c| c.value.clone()),
+        Err(_) => cookie.clone(),
+    };
+    // Let memcached work through what it had buffered.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let old = match inner.load_entry(&old_key).await.unwrap() {
+        Some(StoredEntry::Moved { .. }) => "a marker (the mark landed after the commit failed)",
+        Some(StoredEntry::Session(_)) => "a session",
+        None => "nothing",
+    };
+    let session = manager.load(Some(&browser)).await.unwrap();
+    assert_eq!(
+        session.get::<String>("cart").unwrap().as_deref(),
+        Some("tea"),
+        "after the stall the browser's cookie loads no session (commit: {:?}); the old key \
+         holds {old}",
+        committed.map(|o| o.status)
     );
 }

@@ -589,4 +589,9 @@ impl SessionStore for MemoryStore {
     fn max_record_size(&self) -> usize {
         self.inner.max_record_size
     }
+
+    /// Keys of any length the manager makes fit.
+    fn max_key_len(&self) -> Option<usize> {
+        None
+    }
 }

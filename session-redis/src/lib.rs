@@ -485,4 +485,9 @@ impl SessionStore for RedisStore {
     fn max_record_size(&self) -> usize {
         self.max_record_size
     }
+
+    /// Keys of any length the manager makes fit.
+    fn max_key_len(&self) -> Option<usize> {
+        None
+    }
 }

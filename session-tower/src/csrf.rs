@@ -40,9 +40,8 @@ fn is_unsafe(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
-/// The 403 answer to a request the token check refused.
-fn forbidden(reason: &'static str) -> Response {
-    tracing::info!(reason, "refused a possibly forged cross-site request");
+/// The 403 answer to a refused request, from either check.
+fn forbidden_response() -> Response {
     (
         StatusCode::FORBIDDEN,
         "forbidden: cross-site request refused",
@@ -50,14 +49,16 @@ fn forbidden(reason: &'static str) -> Response {
         .into_response()
 }
 
+/// The 403 answer to a request the token check refused.
+fn forbidden(reason: &'static str) -> Response {
+    tracing::info!(reason, "refused a possibly forged cross-site request");
+    forbidden_response()
+}
+
 /// The 403 answer to a request the origin check refused.
 fn refuse_cross_origin(error: ProtectionError) -> Response {
     tracing::info!(%error, "refused a cross-origin request");
-    (
-        StatusCode::FORBIDDEN,
-        "forbidden: cross-site request refused",
-    )
-        .into_response()
+    forbidden_response()
 }
 
 /// How [`CsrfLayer`] answers a request the origin check refused.

@@ -198,28 +198,32 @@ impl Session {
             .await
     }
 
-    /// Commits the session if a handler used it; `None` when it was never loaded, or when
-    /// `discard_changes` (a failed handler) leaves nothing to do. A discarded session that
-    /// was destroyed is still ended, without the values set after the destroy.
-    async fn commit(&self, discard_changes: bool) -> Result<Option<CommitOutcome>, SessionError> {
-        let taken = std::mem::replace(&mut *self.shared.slot.lock().await, Slot::Committed);
-        let Slot::Loaded(mut session) = taken else {
-            return Ok(None);
-        };
-        if discard_changes {
-            if !session.is_destroyed() {
-                tracing::debug!("the handler failed; its session changes are not saved");
-                return Ok(None);
-            }
-            session.destroy();
+    /// Takes the session out for the commit; `None` when no handler used it (then the
+    /// response does not depend on the cookie). Later use of the handle is an error.
+    async fn take_for_commit(&self) -> Option<session_core::Session> {
+        match std::mem::replace(&mut *self.shared.slot.lock().await, Slot::Committed) {
+            Slot::Loaded(session) => Some(session),
+            Slot::Untouched | Slot::Committed => None,
         }
-        self.shared.manager.commit(session).await.map(Some)
     }
+}
 
-    /// Whether a handler used the session (so the response may depend on the cookie).
-    async fn was_used(&self) -> bool {
-        !matches!(*self.shared.slot.lock().await, Slot::Untouched)
+/// Commits a session a handler used; `None` when `discard_changes` (a failed handler) leaves
+/// nothing to do. A discarded session that was destroyed is still ended, without the values
+/// set after the destroy.
+async fn commit_used(
+    manager: &SessionManager,
+    mut session: session_core::Session,
+    discard_changes: bool,
+) -> Result<Option<CommitOutcome>, SessionError> {
+    if discard_changes {
+        if !session.is_destroyed() {
+            tracing::debug!("the handler failed; its session changes are not saved");
+            return Ok(None);
+        }
+        session.destroy();
     }
+    manager.commit(session).await.map(Some)
 }
 
 /// The handler-facing error of a session operation: answers with the layer's failure status
@@ -524,7 +528,8 @@ where
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let cookie = request_cookie(request.headers(), &self.layer.manager);
-        let session = Session::new(self.layer.manager.clone(), cookie);
+        let manager = self.layer.manager.clone();
+        let session = Session::new(manager.clone(), cookie);
         request.extensions_mut().insert(session.clone());
         // The clone that was made ready by poll_ready is the one to call.
         let clone = self.inner.clone();
@@ -542,12 +547,18 @@ where
             }
             let discard =
                 (handler_failed || response.status().is_server_error()) && !save_on_server_error;
-            if protect_caches && session.was_used().await {
+            let used = session.take_for_commit().await;
+            if protect_caches && used.is_some() {
                 vary_on_cookie(response.headers_mut());
             }
             // The commit runs as its own task, so that a client hanging up (which drops this
             // future) cannot stop a logout's delete or an id cycle half-way.
-            let commit = tokio::spawn(async move { session.commit(discard).await });
+            let commit = tokio::spawn(async move {
+                match used {
+                    Some(used) => commit_used(&manager, used, discard).await,
+                    None => Ok(None),
+                }
+            });
             let replace_with = match commit.await {
                 Ok(Ok(Some(outcome))) => {
                     let cookie = outcome

@@ -27,9 +27,6 @@ use common::{body, send, set_cookie};
 /// the user and cycles the id. `/login-together` waits until two logins have both loaded and
 /// changed the session before answering (a double click whose requests overlap).
 fn app() -> Router {
-    let keys = KeyRing::single(SigningKey::new([5u8; 32]).unwrap());
-    let manager =
-        SessionManager::new(Arc::new(MemoryStore::new()), SessionConfig::new(keys)).unwrap();
     let barrier = Arc::new(Barrier::new(2));
     Router::new()
         .route(
@@ -41,23 +38,15 @@ fn app() -> Router {
                 Ok::<_, SessionFailure>(format!("visit number {visits}"))
             }),
         )
-        .route(
-            "/login",
-            get(|session: Session| async move {
-                session.insert("user", "alice").await?;
-                session.cycle_id().await?;
-                Ok::<_, SessionFailure>("welcome")
-            }),
-        )
+        .route("/login", get(login))
         .route(
             "/login-together",
             get(move |session: Session| {
                 let barrier = Arc::clone(&barrier);
                 async move {
-                    session.insert("user", "alice").await?;
-                    session.cycle_id().await?;
+                    let answer = login(session).await?;
                     barrier.wait().await;
-                    Ok::<_, SessionFailure>("welcome")
+                    Ok::<_, SessionFailure>(answer)
                 }
             }),
         )
@@ -68,7 +57,32 @@ fn app() -> Router {
                 Ok::<_, SessionFailure>(user.unwrap_or_else(|| "-".to_owned()))
             }),
         )
-        .layer(SessionLayer::new(manager))
+        .layer(SessionLayer::new(manager(5)))
+}
+
+/// A manager over a fresh memory store, signing with a key of `key_byte`s.
+fn manager(key_byte: u8) -> SessionManager {
+    let keys = KeyRing::single(SigningKey::new([key_byte; 32]).unwrap());
+    SessionManager::new(Arc::new(MemoryStore::new()), SessionConfig::new(keys)).unwrap()
+}
+
+/// The login both applications share: sets the user and cycles the id.
+async fn login(session: Session) -> Result<&'static str, SessionFailure> {
+    session.insert("user", "alice").await?;
+    session.cycle_id().await?;
+    Ok("welcome")
+}
+
+/// Logs in with the pre-login cookie `anonymous`; returns the logged-in cookie.
+async fn log_in(app: &Router, anonymous: &str) -> String {
+    let response = send(app, "/login", Some(anonymous)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    set_cookie(&response).unwrap()
+}
+
+/// The user the session of `cookie` holds (`-` for none).
+async fn user_of(app: &Router, cookie: &str) -> String {
+    body(send(app, "/user", Some(cookie)).await).await
 }
 
 /// Whether the response's commit was superseded: changes not written, no cookie, and the
@@ -87,17 +101,12 @@ fn superseded(response: &Response<Body>) -> bool {
 async fn a_double_submitted_login_keeps_its_response() {
     let app = app();
     let anonymous = set_cookie(&send(&app, "/", None).await).unwrap();
-    let first = send(&app, "/login", Some(&anonymous)).await;
-    assert_eq!(first.status(), StatusCode::OK);
-    let logged_in = set_cookie(&first).unwrap();
+    let logged_in = log_in(&app, &anonymous).await;
 
     let second = send(&app, "/login", Some(&anonymous)).await;
     assert_eq!(second.status(), StatusCode::OK);
     assert!(superseded(&second));
-    assert_eq!(
-        body(send(&app, "/user", Some(&logged_in)).await).await,
-        "alice"
-    );
+    assert_eq!(user_of(&app, &logged_in).await, "alice");
 }
 
 /// The same when both clicks overlap (both load the pre-login session before either commits):
@@ -117,10 +126,7 @@ async fn overlapping_double_submitted_logins_keep_their_responses() {
         "exactly one of the two is superseded"
     );
     let logged_in = set_cookie(&a).or_else(|| set_cookie(&b)).unwrap();
-    assert_eq!(
-        body(send(&app, "/user", Some(&logged_in)).await).await,
-        "alice"
-    );
+    assert_eq!(user_of(&app, &logged_in).await, "alice");
 }
 
 /// An ordinary page view that counts visits with `update` (the README's own example), sent
@@ -130,26 +136,18 @@ async fn overlapping_double_submitted_logins_keep_their_responses() {
 async fn a_page_view_racing_a_login_keeps_its_response() {
     let app = app();
     let anonymous = set_cookie(&send(&app, "/", None).await).unwrap();
-    let login = send(&app, "/login", Some(&anonymous)).await;
-    assert_eq!(login.status(), StatusCode::OK);
-    let logged_in = set_cookie(&login).unwrap();
+    let logged_in = log_in(&app, &anonymous).await;
 
     let page = send(&app, "/", Some(&anonymous)).await;
     assert_eq!(page.status(), StatusCode::OK);
     assert!(superseded(&page));
-    assert_eq!(
-        body(send(&app, "/user", Some(&logged_in)).await).await,
-        "alice"
-    );
+    assert_eq!(user_of(&app, &logged_in).await, "alice");
 }
 
 /// A shop: `/add/{item}` puts an item in the cart (with `update`, as the README advises),
 /// `/login` sets the user and cycles the id, `/cart` lists the cart. The layer is configured
 /// to answer lost writes, superseded ones included, with 409.
 fn shop() -> Router {
-    let keys = KeyRing::single(SigningKey::new([12u8; 32]).unwrap());
-    let manager =
-        SessionManager::new(Arc::new(MemoryStore::new()), SessionConfig::new(keys)).unwrap();
     Router::new()
         .route(
             "/add/{item}",
@@ -166,14 +164,7 @@ fn shop() -> Router {
                 },
             ),
         )
-        .route(
-            "/login",
-            get(|session: Session| async move {
-                session.insert("user", "alice").await?;
-                session.cycle_id().await?;
-                Ok::<_, SessionFailure>("welcome")
-            }),
-        )
+        .route("/login", get(login))
         .route(
             "/cart",
             get(|session: Session| async move {
@@ -182,7 +173,7 @@ fn shop() -> Router {
             }),
         )
         .layer(
-            SessionLayer::new(manager)
+            SessionLayer::new(manager(12))
                 .lost_writes(LostWrites::Respond(StatusCode::CONFLICT))
                 .superseded_writes(LostWrites::Respond(StatusCode::CONFLICT)),
         )
@@ -195,9 +186,7 @@ fn shop() -> Router {
 async fn an_add_to_cart_with_the_pre_login_cookie_answers_409_when_configured() {
     let app = shop();
     let anonymous = set_cookie(&send(&app, "/add/tea", None).await).unwrap();
-    let login = send(&app, "/login", Some(&anonymous)).await;
-    assert_eq!(login.status(), StatusCode::OK);
-    let logged_in = set_cookie(&login).unwrap();
+    let logged_in = log_in(&app, &anonymous).await;
 
     // Sent before the login's response arrived, so with the pre-login cookie.
     let added = send(&app, "/add/coffee", Some(&anonymous)).await;

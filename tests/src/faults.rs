@@ -181,4 +181,8 @@ impl<S: SessionStore + 'static, H: MarkHook> SessionStore for MarkHooked<S, H> {
     fn max_record_size(&self) -> usize {
         self.inner.max_record_size()
     }
+
+    fn max_key_len(&self) -> Option<usize> {
+        self.inner.max_key_len()
+    }
 }

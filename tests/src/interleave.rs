@@ -248,6 +248,10 @@ impl<S: SessionStore> SessionStore for PausingStore<S> {
     fn max_record_size(&self) -> usize {
         self.inner.max_record_size()
     }
+
+    fn max_key_len(&self) -> Option<usize> {
+        self.inner.max_key_len()
+    }
 }
 
 /// Picks the request to resume at each choice point.

@@ -155,6 +155,10 @@ impl<S: SessionStore> SessionStore for RecordingStore<S> {
     fn max_record_size(&self) -> usize {
         self.inner.max_record_size()
     }
+
+    fn max_key_len(&self) -> Option<usize> {
+        self.inner.max_key_len()
+    }
 }
 
 /// Takes one from a countdown of injected failures; whether there was one.

@@ -208,6 +208,10 @@ impl SessionStore for Broken {
     fn max_record_size(&self) -> usize {
         self.inner.max_record_size()
     }
+
+    fn max_key_len(&self) -> Option<usize> {
+        self.inner.max_key_len()
+    }
 }
 
 /// Explores every schedule of `kinds` on a store with `defect` and expects `invariant` to

@@ -13,8 +13,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 use session_conformance::faults::{MarkHook, MarkHooked};
 use session_core::{
-    CommitStatus, KeyPrefix, KeyRing, Record, SameKeyConflict, SessionConfig, SessionError,
-    SessionManager, SessionStore, SigningKey, StorageKey, StoreError, StoredEntry, Version,
+    CommitStatus, KeyPrefix, KeyRing, Record, SameKeyConflict, Session, SessionConfig,
+    SessionError, SessionManager, SessionStore, SigningKey, StorageKey, StoreError, StoredEntry,
+    Version,
 };
 use session_memory::MemoryStore;
 use tokio::sync::Notify;
@@ -33,6 +34,14 @@ fn storage_key(cookie: &str) -> StorageKey {
         .verify("session", cookie)
         .expect("a cookie we signed");
     StorageKey::derive(&KeyPrefix::default(), verified.id())
+}
+
+/// A login on the session of `cookie`: loaded, the user set, the id to be cycled on commit.
+async fn login(manager: &SessionManager, cookie: &str) -> Session {
+    let mut login = manager.load(Some(cookie)).await.unwrap();
+    login.insert("user", "alice").unwrap();
+    login.cycle_id();
+    login
 }
 
 /// Creates a session holding `name` = `value` and returns its cookie value.
@@ -490,9 +499,7 @@ async fn a_login_giving_up_on_delayed_marks_fences_them_out() {
     let manager = manager_on(store.clone(), SessionConfig::new(keys()));
     let cookie = created(&manager, "cart", "tea").await;
 
-    let mut login = manager.load(Some(&cookie)).await.unwrap();
-    login.insert("user", "alice").unwrap();
-    login.cycle_id();
+    let login = login(&manager, &cookie).await;
     let committed = manager.commit(login).await;
     assert!(committed.is_err(), "every mark timed out: {committed:?}");
     assert_eq!(
@@ -521,9 +528,7 @@ async fn running_out_of_attempts_after_an_unanswered_mark_fences_it_out() {
     let manager = manager_on(store.clone(), config);
     let cookie = created(&manager, "cart", "tea").await;
 
-    let mut login = manager.load(Some(&cookie)).await.unwrap();
-    login.insert("user", "alice").unwrap();
-    login.cycle_id();
+    let login = login(&manager, &cookie).await;
     let committed = manager.commit(login).await;
     assert!(committed.is_err(), "both marks timed out");
     let error = committed.unwrap_err();
@@ -550,12 +555,8 @@ async fn an_unanswered_mark_beaten_by_a_concurrent_login_is_superseded() {
     let manager = manager_on(store.clone(), SessionConfig::new(keys()));
     let cookie = created(&manager, "cart", "tea").await;
 
-    let mut second = manager.load(Some(&cookie)).await.unwrap();
-    second.insert("user", "alice").unwrap();
-    second.cycle_id();
-    let mut first = manager.load(Some(&cookie)).await.unwrap();
-    first.insert("user", "alice").unwrap();
-    first.cycle_id();
+    let second = login(&manager, &cookie).await;
+    let first = login(&manager, &cookie).await;
 
     let pending = {
         let manager = manager.clone();

@@ -301,6 +301,10 @@ impl SessionStore for Faulty {
     fn max_record_size(&self) -> usize {
         ADVERTISED_LIMIT
     }
+
+    fn max_key_len(&self) -> Option<usize> {
+        self.inner.max_key_len()
+    }
 }
 
 /// Runs `case` on a store with `defect` and on one without, expecting only the first to fail.
