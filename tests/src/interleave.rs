@@ -22,7 +22,8 @@
 //! a destroyed session stays ended; at most one live entry per session lineage; the cookie the
 //! browser keeps last loads the live session or is a removal; changes are lost only when a
 //! destroy or an id cycle explains it; of concurrent `insert`s of one value, the last to commit
-//! wins.
+//! wins; after a login, no CSRF token rendered for the id before it verifies, and without one
+//! the token stored first does.
 //!
 //! The browser applies `Set-Cookie` headers in the order the requests made their last store
 //! call: a response leaves when its commit is done. (A response held back on the network after
@@ -80,6 +81,10 @@ pub enum RequestKind {
     /// Reads the counter with the session past its touch threshold: touches it and refreshes
     /// the cookie.
     UnchangedPastThreshold,
+    /// Renders a form: takes the session's CSRF token (`Session::csrf_token`), making the
+    /// session's first one. Not in [`ALL`](Self::ALL): explored with logins in a test of its
+    /// own ([`Invariant::CsrfTokenRotatesWithTheId`]).
+    RenderForm,
 }
 
 impl RequestKind {
@@ -341,6 +346,9 @@ pub enum Invariant {
     NoSpuriousEnd,
     /// Of concurrent inserts of one value, the last to commit did not win.
     LastWriterWins,
+    /// After a login, a CSRF token a page rendered for the id before it verifies in the
+    /// logged-in session; or, without a login, no rendered token verifies though one was saved.
+    CsrfTokenRotatesWithTheId,
 }
 
 /// A broken invariant, with what showed it.
@@ -359,6 +367,8 @@ pub struct RequestResult {
     pub kind: RequestKind,
     /// The commit's outcome or error.
     pub result: Result<CommitOutcome, SessionError>,
+    /// The masked CSRF token a [`RequestKind::RenderForm`] rendered.
+    pub csrf_token: Option<String>,
 }
 
 /// One schedule as it ran: the requests, the store calls in order, and the outcomes.
@@ -518,10 +528,11 @@ impl<S: SessionStore + Clone + 'static> Harness<S> {
 
         let mut requests = Vec::new();
         for (handle, kind) in handles.into_iter().zip(kinds) {
-            let result = handle.await.expect("a request panicked");
+            let (result, csrf_token) = handle.await.expect("a request panicked");
             requests.push(RequestResult {
                 kind: *kind,
                 result,
+                csrf_token,
             });
         }
         let log = std::mem::take(&mut *log.lock().expect("log"));
@@ -548,13 +559,32 @@ impl<S: SessionStore + Clone + 'static> Harness<S> {
     }
 }
 
+/// Runs one request; also returns the CSRF token a [`RequestKind::RenderForm`] rendered.
 async fn run_request(
     manager: &SessionManager,
     cookie: &str,
     kind: RequestKind,
     index: usize,
-) -> Result<CommitOutcome, SessionError> {
-    let mut session = manager.load(Some(cookie)).await?;
+) -> (Result<CommitOutcome, SessionError>, Option<String>) {
+    let mut csrf_token = None;
+    let result = async {
+        let mut session = manager.load(Some(cookie)).await?;
+        if kind == RequestKind::RenderForm {
+            csrf_token = Some(session.csrf_token()?);
+        }
+        act(&mut session, kind, index)?;
+        manager.commit(session).await
+    }
+    .await;
+    (result, csrf_token)
+}
+
+/// What a request of `kind` does to its session before the commit.
+fn act(
+    session: &mut session_core::Session,
+    kind: RequestKind,
+    index: usize,
+) -> Result<(), SessionError> {
     match kind {
         RequestKind::ReadOnly | RequestKind::UnchangedPastThreshold => {
             session.get::<u32>("counter")?;
@@ -569,8 +599,9 @@ async fn run_request(
             session.cycle_id();
         }
         RequestKind::Destroy => session.destroy(),
+        RequestKind::RenderForm => {}
     }
-    manager.commit(session).await
+    Ok(())
 }
 
 fn violation(invariant: Invariant, detail: impl Into<String>) -> Result<(), Violation> {
@@ -767,6 +798,8 @@ async fn check<S: SessionStore + Clone + 'static>(
         }
     }
 
+    check_csrf_tokens(harness, run).await?;
+
     // Lost changes: only a destroy, a competing cycle, or a move before the request loaded
     // explains them. (A request without changes may find its session moved: nothing is lost.)
     let any_destroy = (0..count).any(|i| kind(i) == RequestKind::Destroy);
@@ -790,6 +823,71 @@ async fn check<S: SessionStore + Clone + 'static>(
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// [`Invariant::CsrfTokenRotatesWithTheId`]: every request started with the cookie of before
+/// any login, so after an acknowledged login none of the tokens rendered may verify in the
+/// logged-in session; without one, if a rendering request saved, the token stored first (one
+/// of those rendered) verifies.
+async fn check_csrf_tokens<S: SessionStore + Clone + 'static>(
+    harness: &Harness<S>,
+    run: &ScheduleRun,
+) -> Result<(), Violation> {
+    let tokens: Vec<&str> = run
+        .requests
+        .iter()
+        .filter_map(|r| r.csrf_token.as_deref())
+        .collect();
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let outcome = |r: &RequestResult| r.result.as_ref().ok().cloned();
+    let login = run
+        .requests
+        .iter()
+        .filter_map(outcome)
+        .find(|o| o.status == CommitStatus::Cycled);
+    let (cookie, after_login) = match &login {
+        Some(login) => (
+            login
+                .cookie
+                .as_ref()
+                .map(|c| c.value.clone())
+                .unwrap_or_default(),
+            true,
+        ),
+        None => (run.initial_cookie.clone(), false),
+    };
+    let session = harness
+        .plain_manager()
+        .load(Some(&cookie))
+        .await
+        .map_err(|e| Violation {
+            invariant: Invariant::NoRequestFails,
+            detail: format!("checking: {e}"),
+        })?;
+    let verifying = tokens
+        .iter()
+        .filter(|t| session.verify_csrf_token(t))
+        .count();
+    let saved = run.requests.iter().any(|r| {
+        r.kind == RequestKind::RenderForm
+            && outcome(r).is_some_and(|o| o.status == CommitStatus::Saved)
+    });
+    let destroyed = run.requests.iter().any(|r| r.kind == RequestKind::Destroy);
+    if after_login && verifying > 0 {
+        return violation(
+            Invariant::CsrfTokenRotatesWithTheId,
+            format!("{verifying} token(s) rendered before the login verify after it"),
+        );
+    }
+    if !after_login && saved && !destroyed && verifying == 0 {
+        return violation(
+            Invariant::CsrfTokenRotatesWithTheId,
+            "a rendering request saved its token, and no rendered token verifies",
+        );
     }
     Ok(())
 }

@@ -90,6 +90,40 @@ async fn a_seeded_sample_of_three_request_interleavings() {
     assert_eq!(report.schedules, 3000);
 }
 
+/// Pages rendering forms (each making or reading the session's CSRF token) around logins, in
+/// every interleaving: after an acknowledged login no token rendered for the id before it
+/// verifies, whether the rendering request saved first, followed the login's marker, or had
+/// its save carried over by the login; without a login, the token stored first verifies. Both
+/// same-key policies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_interleaving_of_form_pages_and_logins_keeps_tokens_with_their_id() {
+    let schedules: &[&[RequestKind]] = &[
+        &[RenderForm, Cycle],
+        &[RenderForm, RenderForm],
+        &[RenderForm, RenderForm, Cycle],
+        &[RenderForm, Cycle, UpdateSame],
+    ];
+    for same_key in [SameKeyConflict::LastWriterWins, SameKeyConflict::Fail] {
+        let harness = Harness::new(
+            MemoryStore::new(),
+            Exploration {
+                same_key,
+                ..Exploration::default()
+            },
+        );
+        let mut report = Report::default();
+        for kinds in schedules {
+            let before = report.schedules;
+            harness.explore_all(kinds, &mut report).await;
+            report.assert_clean();
+            println!(
+                "{same_key:?} {kinds:?}: {} schedules",
+                report.schedules - before
+            );
+        }
+    }
+}
+
 /// One deliberate defect of a store, each meant to break one invariant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Defect {
