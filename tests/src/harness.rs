@@ -443,8 +443,14 @@ impl RedisCluster {
             ));
             std::fs::create_dir_all(&directory).expect("creating a node directory");
             cluster.directories.push(directory.clone());
-            let dir = directory.to_string_lossy().into_owned();
+            // A directory per attempt: a start that failed (its port taken) must not leave its
+            // nodes.conf to the next attempt.
+            let attempts = std::cell::Cell::new(0u32);
             let node = ServerProcess::start_with_args(ServerKind::Redis, || {
+                attempts.set(attempts.get() + 1);
+                let attempt_dir = directory.join(format!("attempt-{}", attempts.get()));
+                std::fs::create_dir_all(&attempt_dir).expect("creating a node directory");
+                let dir = attempt_dir.to_string_lossy().into_owned();
                 [
                     "--cluster-enabled",
                     "yes",
