@@ -15,6 +15,9 @@ pub struct MemcachedConfig {
     pub(crate) max_connections: Option<usize>,
     pub(crate) key_prefix: String,
     pub(crate) max_item_size: usize,
+    pub(crate) replicas: usize,
+    pub(crate) retry_interval: Duration,
+    pub(crate) tombstone_ttl: Duration,
 }
 
 impl MemcachedConfig {
@@ -26,9 +29,17 @@ impl MemcachedConfig {
     pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(1);
     /// Default idle connections kept per server (size it to the expected concurrency).
     pub const DEFAULT_MAX_IDLE: usize = 64;
+    /// Default cap on connections in use per server (see
+    /// [`max_connections`](Self::max_connections) for the sizing rule).
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+    /// Default time between probes of a server that stopped answering.
+    pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+    /// Default least lifetime of a tombstone written while a replica does not answer.
+    pub const DEFAULT_TOMBSTONE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
     /// memcached's default maximum item size (`-I 1m`).
     pub const DEFAULT_MAX_ITEM_SIZE: usize = 1024 * 1024;
-    /// What a record may not use of an item: memcached's item header, the key and the CAS.
+    /// What a record may not use of an item: memcached's item header, the key, the CAS and a
+    /// replicated session's 8-byte generation.
     pub const ITEM_OVERHEAD: usize = 512;
 
     /// One server, or several separated by commas (`host:port`; the port defaults to 11211;
@@ -39,17 +50,21 @@ impl MemcachedConfig {
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             io_timeout: Self::DEFAULT_IO_TIMEOUT,
             max_idle: Self::DEFAULT_MAX_IDLE,
-            max_connections: None,
+            max_connections: Some(Self::DEFAULT_MAX_CONNECTIONS),
             key_prefix: String::new(),
             max_item_size: Self::DEFAULT_MAX_ITEM_SIZE,
+            replicas: 1,
+            retry_interval: Self::DEFAULT_RETRY_INTERVAL,
+            tombstone_ttl: Self::DEFAULT_TOMBSTONE_TTL,
         }
     }
 
     /// Parses `memcached://host[:port][,host[:port]...][?parameters]`.
     ///
     /// Parameters: `timeout_ms` (I/O timeout), `connect_timeout_ms`, `max_idle`,
-    /// `max_connections`, `key_prefix`, `max_item_size` (bytes). For example
-    /// `memcached://10.0.0.1:11211,10.0.0.2:11211?timeout_ms=250`.
+    /// `max_connections`, `key_prefix`, `max_item_size` (bytes), `replicas`,
+    /// `retry_interval_ms`, `tombstone_ttl_secs`. For example
+    /// `memcached://10.0.0.1:11211,10.0.0.2:11211,10.0.0.3:11211?timeout_ms=250&replicas=2`.
     pub fn from_url(url: &str) -> Result<Self, UrlError> {
         let rest = url.strip_prefix("memcached://").ok_or(UrlError::Scheme)?;
         let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -76,6 +91,9 @@ impl MemcachedConfig {
                 "max_connections" => config.max_connections = Some(to_usize(number()?, name)?),
                 "max_item_size" => config.max_item_size = to_usize(number()?, name)?,
                 "key_prefix" => config.key_prefix = value.to_owned(),
+                "replicas" => config.replicas = to_usize(number()?, name)?,
+                "retry_interval_ms" => config.retry_interval = Duration::from_millis(number()?),
+                "tombstone_ttl_secs" => config.tombstone_ttl = Duration::from_secs(number()?),
                 _ => return Err(UrlError::UnknownParameter(name.to_owned())),
             }
         }
@@ -101,8 +119,14 @@ impl MemcachedConfig {
         self
     }
 
-    /// Connections in use per server at most (default: unbounded). At the cap, a request waits
-    /// for a free connection up to the connect timeout.
+    /// Connections in use per server at most (default 256; `None` for no cap). At the cap, a
+    /// request waits for a free connection up to the connect timeout.
+    ///
+    /// Sizing: a store operation holds one connection per server it asks, for one exchange,
+    /// so a server sees at most as many connections from one process as that process runs
+    /// store operations at once. Set the cap to the most concurrent requests one process
+    /// serves (the default suits up to 256), and check that the servers' connection limit
+    /// (memcached's `-c`, default 1024) covers the cap times the number of processes.
     pub fn max_connections(mut self, connections: Option<usize>) -> Self {
         self.max_connections = connections;
         self
@@ -112,6 +136,31 @@ impl MemcachedConfig {
     /// (default none). The whole key must stay within memcached's 250 bytes.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
+        self
+    }
+
+    /// How many servers hold a copy of each session (default 1; at most
+    /// [`MAX_REPLICAS`](crate::MAX_REPLICAS) and at most the number of servers). With 2 or
+    /// more, a session survives the loss of all but one of its servers; see the crate docs
+    /// ("Replicas") for the guarantees and their cost.
+    pub fn replicas(mut self, copies: usize) -> Self {
+        self.replicas = copies;
+        self
+    }
+
+    /// How often a server that stopped answering is probed (default 1 s). Until a probe gets
+    /// an answer, a replicated store leaves the server out of its requests, and each probe
+    /// resolves the server's name again.
+    pub fn retry_interval(mut self, interval: Duration) -> Self {
+        self.retry_interval = interval;
+        self
+    }
+
+    /// The least lifetime of a tombstone written while one of the session's replicas does not
+    /// answer (default 24 hours): the copy on that replica may outlive what the others show,
+    /// so set this to the longest lifetime a session can have (its absolute timeout).
+    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.tombstone_ttl = ttl;
         self
     }
 
@@ -151,8 +200,23 @@ impl MemcachedConfig {
         if self.servers.is_empty() {
             return Err(ConfigError::NoServers);
         }
-        if self.connect_timeout.is_zero() || self.io_timeout.is_zero() {
+        if self.connect_timeout.is_zero()
+            || self.io_timeout.is_zero()
+            || self.retry_interval.is_zero()
+        {
             return Err(ConfigError::ZeroTimeout);
+        }
+        if self.servers.len() > usize::from(u16::MAX) {
+            return Err(ConfigError::TooManyServers);
+        }
+        let most = crate::MAX_REPLICAS.min(self.servers.len());
+        if !(1..=most).contains(&self.replicas) {
+            return Err(ConfigError::Replicas { most });
+        }
+        if !(session_core::store::MIN_TTL..=session_core::store::MAX_TTL)
+            .contains(&self.tombstone_ttl)
+        {
+            return Err(ConfigError::TombstoneTtl);
         }
         if self.key_prefix.len() > Self::MAX_KEY_PREFIX_LEN
             || !self.key_prefix.bytes().all(|b| b.is_ascii_graphic())
@@ -258,8 +322,22 @@ pub enum ConfigError {
         /// The smallest size accepted.
         min: usize,
     },
+    /// More than 65,535 servers.
+    TooManyServers,
+    /// `replicas` is zero, or more than the servers or [`MAX_REPLICAS`](crate::MAX_REPLICAS).
+    Replicas {
+        /// The most replicas this configuration allows.
+        most: usize,
+    },
+    /// The tombstone TTL is outside the store contract's TTL range (1 s to 400 days).
+    TombstoneTtl,
     /// A server address could not be resolved.
-    Resolve(memcache::exp::Error),
+    Resolve {
+        /// The server, as configured.
+        server: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
     /// Resolving the server addresses took longer than the connect timeout.
     ResolveTimeout,
 }
@@ -276,7 +354,14 @@ impl fmt::Display for ConfigError {
             Self::ItemSizeTooSmall { min } => {
                 write!(f, "the maximum item size must be at least {min}")
             }
-            Self::Resolve(_) => f.write_str("a memcached server address could not be resolved"),
+            Self::TooManyServers => f.write_str("at most 65535 memcached servers"),
+            Self::Replicas { most } => {
+                write!(f, "replicas must be from 1 to {most} with these servers")
+            }
+            Self::TombstoneTtl => f.write_str("the tombstone TTL must be from 1 s to 400 days"),
+            Self::Resolve { server, .. } => {
+                write!(f, "the memcached server {server} could not be resolved")
+            }
             Self::ResolveTimeout => f.write_str("resolving the memcached servers timed out"),
         }
     }
@@ -286,7 +371,7 @@ impl Error for ConfigError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match self {
             Self::Url(e) => Some(e),
-            Self::Resolve(e) => Some(e),
+            Self::Resolve { source, .. } => Some(source),
             _ => None,
         }
     }

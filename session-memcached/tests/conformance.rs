@@ -30,3 +30,31 @@ mod three_servers {
         Some((store, servers))
     });
 }
+
+mod three_servers_two_replicas {
+    use super::*;
+
+    session_conformance::conformance_suite!(async {
+        let servers: Option<Vec<ServerProcess>> = (0..3)
+            .map(|_| ServerProcess::start(ServerKind::Memcached))
+            .collect();
+        let servers = servers?;
+        let config = MemcachedConfig::new(servers.iter().map(ServerProcess::address)).replicas(2);
+        let store = MemcachedStore::connect(config).await.unwrap();
+        Some((store, servers))
+    });
+}
+
+mod two_servers_two_replicas {
+    use super::*;
+
+    session_conformance::conformance_suite!(async {
+        let servers: Option<Vec<ServerProcess>> = (0..2)
+            .map(|_| ServerProcess::start(ServerKind::Memcached))
+            .collect();
+        let servers = servers?;
+        let config = MemcachedConfig::new(servers.iter().map(ServerProcess::address)).replicas(2);
+        let store = MemcachedStore::connect(config).await.unwrap();
+        Some((store, servers))
+    });
+}

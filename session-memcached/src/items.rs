@@ -1,0 +1,275 @@
+//! What one memcached item holds, and the three requests every operation is built from (`mg`,
+//! `ms`, `md` against one server), with their failures mapped to [`StoreError`]s and reported
+//! to the server's health.
+//!
+//! # Item formats
+//!
+//! The client flags say what an item is:
+//!
+//! | flags | value | item |
+//! |---|---|---|
+//! | `0` | the encoded record | a session written by a single-copy store |
+//! | `2` | an 8-byte big-endian generation, then the encoded record | a session written by a replicated store |
+//! | the expiry, in Unix seconds | the encoded moved marker | a moved marker |
+//! | the expiry, in Unix seconds | [`TOMBSTONE`] | an ended session (a replicated store's delete) |
+//!
+//! Both kinds of store read every format, so `replicas` can be changed on a running
+//! deployment. Keeping a marker's or tombstone's expiry in its flags lets `touch`, which reads
+//! flags but not values, tell them from sessions and give them back their own expiry.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use memcache::exp::{GetStatus, Meta, MutationResult, MutationStatus, Ttl};
+use session_core::StoreError;
+use session_core::codec::DecodeError;
+
+use crate::nodes::Node;
+
+/// The flags of a session written by a single-copy store.
+pub(crate) const SESSION_FLAGS: u32 = 0;
+/// The flags of a session written by a replicated store: its value starts with a generation.
+pub(crate) const GENERATION_SESSION_FLAGS: u32 = 2;
+/// Flags above this are an expiry: the item is a marker or a tombstone, not a session.
+pub(crate) const LAST_SESSION_FLAGS: u32 = 2;
+/// The value of a tombstone. Its first byte is no codec format byte, so it never decodes as a
+/// record or a marker.
+pub(crate) const TOMBSTONE: &[u8] = b"\0ended";
+/// The length of the generation in front of a replicated session's record.
+pub(crate) const GENERATION_LEN: usize = 8;
+
+/// What an item is, read from its flags and value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A session, with its generation (0 for one a single-copy store wrote).
+    Session { generation: u64 },
+    /// A moved marker.
+    Moved,
+    /// A tombstone.
+    Ended,
+}
+
+/// One server's copy of an item.
+#[derive(Clone, Debug)]
+pub(crate) struct Item {
+    pub(crate) kind: Kind,
+    pub(crate) flags: u32,
+    pub(crate) cas: u64,
+    /// Seconds left, as memcached reports them (one more than the TTL asked for, see
+    /// [`wire_ttl`]).
+    pub(crate) ttl: Option<i64>,
+    pub(crate) value: Vec<u8>,
+}
+
+impl Item {
+    /// The encoded record or marker (the value without a generation).
+    pub(crate) fn payload(&self) -> &[u8] {
+        match (self.flags, self.kind) {
+            (GENERATION_SESSION_FLAGS, Kind::Session { .. }) => &self.value[GENERATION_LEN..],
+            _ => &self.value,
+        }
+    }
+
+    /// The time left the store reports: memcached's figure less the second every write adds.
+    pub(crate) fn expires_in(&self) -> Option<Duration> {
+        self.ttl
+            .and_then(|secs| u64::try_from(secs).ok())
+            .map(|secs| Duration::from_secs(secs.saturating_sub(1)))
+    }
+}
+
+/// Classifies a stored item; a replicated session's value too short to hold its generation is
+/// a decode error.
+pub(crate) fn classify(flags: u32, value: &[u8]) -> Result<Kind, StoreError> {
+    match flags {
+        SESSION_FLAGS => Ok(Kind::Session { generation: 0 }),
+        GENERATION_SESSION_FLAGS => {
+            let Some(generation) = value.first_chunk::<GENERATION_LEN>() else {
+                return Err(StoreError::Decode(DecodeError::TooShort {
+                    len: value.len(),
+                }));
+            };
+            Ok(Kind::Session {
+                generation: u64::from_be_bytes(*generation),
+            })
+        }
+        _ if value == TOMBSTONE => Ok(Kind::Ended),
+        _ => Ok(Kind::Moved),
+    }
+}
+
+/// When a write may happen.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Condition {
+    /// Always.
+    Always,
+    /// Only if no item exists (memcached's add mode).
+    Absent,
+    /// Only if the item's CAS value is still this one.
+    Cas(u64),
+}
+
+/// `mg <key> v c t f`: the item under `key` on `node`, `None` on a miss.
+pub(crate) async fn get(
+    node: &Arc<Node>,
+    operation: &'static str,
+    key: &str,
+    deadline: Duration,
+) -> Result<Option<Item>, StoreError> {
+    let client = node.client();
+    let request = client
+        .get(key.as_bytes())
+        .meta(Meta::NONE.cas().ttl())
+        .send();
+    let result = call(node, operation, deadline, request).await?;
+    let (GetStatus::Hit, Some(value)) = (result.status, result.value) else {
+        return Ok(None);
+    };
+    let cas = result
+        .item
+        .cas
+        .ok_or_else(|| unexpected(operation, "no CAS value in the reply".into()))?;
+    let cas = checked_cas(operation, cas)?;
+    let flags = result.client_flags.unwrap_or(SESSION_FLAGS);
+    Ok(Some(Item {
+        kind: classify(flags, &value)?,
+        flags,
+        cas,
+        ttl: result.item.ttl,
+        value,
+    }))
+}
+
+/// `ms <key> <size> T<ttl> F<flags> [C<cas>|ME] c`: sets `key` on `node`, asking for the new
+/// CAS.
+pub(crate) async fn set(
+    node: &Arc<Node>,
+    operation: &'static str,
+    key: &str,
+    value: &[u8],
+    flags: u32,
+    ttl: Ttl,
+    condition: Condition,
+    deadline: Duration,
+) -> Result<MutationResult, StoreError> {
+    let client = node.client();
+    let request = client
+        .set(key.as_bytes(), value)
+        .client_flags(flags)
+        .ttl(ttl)
+        .return_cas();
+    let request = match condition {
+        Condition::Always => request,
+        Condition::Absent => request.add(),
+        Condition::Cas(cas) => request.compare_cas(cas),
+    };
+    call(node, operation, deadline, request.send()).await
+}
+
+/// Runs one client call against `node` and maps its failure; a transport failure also marks
+/// the server down (see [`Node::report_failure`]). The client bounds every call itself (a dial
+/// by the connect timeout, an exchange by the I/O timeout, a wait for a pooled connection by
+/// the connect timeout), so no timer of our own is armed on this hot path; the fault tests
+/// check the bound.
+pub(crate) async fn call<T>(
+    node: &Arc<Node>,
+    operation: &'static str,
+    deadline: Duration,
+    request: impl Future<Output = memcache::exp::Result<T>>,
+) -> Result<T, StoreError> {
+    request.await.map_err(|error| {
+        use memcache::exp::Error as E;
+        if matches!(error, E::Io(_) | E::Timeout { .. } | E::Ambiguous { .. }) {
+            node.report_failure();
+        }
+        map_error(operation, error, deadline)
+    })
+}
+
+/// Transport timeouts (a hung server) become [`StoreError::Timeout`]; anything else is
+/// [`StoreError::Backend`] with the client's error as its source.
+fn map_error(operation: &'static str, error: memcache::exp::Error, after: Duration) -> StoreError {
+    use memcache::exp::Error as E;
+    let timed_out = |e: &E| match e {
+        E::Timeout { .. } => true,
+        E::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
+        _ => false,
+    };
+    let is_timeout = match &error {
+        E::Ambiguous { source, .. } => timed_out(source),
+        other => timed_out(other),
+    };
+    if is_timeout {
+        StoreError::Timeout { operation, after }
+    } else {
+        StoreError::Backend {
+            operation,
+            source: Box::new(error),
+        }
+    }
+}
+
+/// The TTL to send for `ttl`: whole seconds rounded up, plus one for memcached's coarse clock.
+pub(crate) fn wire_ttl(ttl: Duration) -> Ttl {
+    Ttl::from(ttl + Duration::from_secs(1))
+}
+
+/// The flags of a marker or tombstone written now for `ttl`: its expiry in Unix seconds.
+pub(crate) fn expiry_flags(operation: &'static str, ttl: Duration) -> Result<u32, StoreError> {
+    let expires = SystemTime::now() + ttl + Duration::from_secs(1);
+    let expires_secs = expires
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
+    u32::try_from(expires_secs)
+        .ok()
+        .filter(|secs| *secs > LAST_SESSION_FLAGS)
+        .ok_or_else(|| {
+            unexpected(
+                operation,
+                "the expiry does not fit memcached's flags".into(),
+            )
+        })
+}
+
+/// The time left before the expiry held in a marker's or tombstone's `flags`, by this host's
+/// clock (the one that set it), at least a second.
+pub(crate) fn time_left(flags: u32) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Duration::from_secs(u64::from(flags).saturating_sub(now).max(1))
+}
+
+/// A CAS value of zero means the server runs with CAS disabled (`-C`): every compare would
+/// match, so versions would mean nothing.
+pub(crate) fn checked_cas(operation: &'static str, cas: u64) -> Result<u64, StoreError> {
+    if cas == 0 {
+        return Err(unexpected(
+            operation,
+            "memcached runs with CAS disabled (-C); sessions need CAS".into(),
+        ));
+    }
+    Ok(cas)
+}
+
+/// The CAS of an applied write.
+pub(crate) fn written_cas(
+    operation: &'static str,
+    result: &MutationResult,
+) -> Result<u64, StoreError> {
+    match (result.status, result.cas) {
+        (MutationStatus::Applied, Some(cas)) => checked_cas(operation, cas),
+        (MutationStatus::Applied, None) => {
+            Err(unexpected(operation, "no CAS value in the reply".into()))
+        }
+        (other, _) => Err(unexpected(operation, format!("unexpected reply {other:?}"))),
+    }
+}
+
+pub(crate) fn unexpected(operation: &'static str, what: String) -> StoreError {
+    StoreError::Backend {
+        operation,
+        source: what.into(),
+    }
+}

@@ -1,0 +1,793 @@
+//! Several copies per session (`replicas = n`, n ≥ 2). The design is in the crate docs
+//! ("Replicas"); in short: every copy carries a generation, reads ask every live replica and
+//! take the newest copy (a tombstone over a marker over the session of the highest
+//! generation), repair stale copies, and a conditional write is decided by compare-and-set on
+//! the first replica that answers, then carried to the others without ever overwriting
+//! something newer.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::join_all;
+use memcache::exp::{MutationStatus, Ttl};
+use session_core::codec::{encode_moved, encode_record_within};
+use session_core::store::check_ttl;
+use session_core::{Record, StorageKey, StoreError, StoredEntry, Version};
+
+use crate::MemcachedStore;
+use crate::items::{
+    self, Condition, GENERATION_LEN, GENERATION_SESSION_FLAGS, Item, Kind, TOMBSTONE, expiry_flags,
+    time_left, wire_ttl, written_cas,
+};
+use crate::nodes::{Node, fnv1a};
+
+/// What this process last saw of recently loaded or saved sessions, so that a save right after
+/// a load need not read the replicas again: the compare-and-set on the first replica checks
+/// the same thing the read would have (a stale entry only costs a conflict, and the manager's
+/// reload reads afresh). Direct-mapped by key hash; a newer key simply takes the slot.
+pub(crate) struct SeenCache {
+    slots: Box<[Mutex<Option<Seen>>]>,
+}
+
+/// The copies of one session at one generation, as last seen.
+struct Seen {
+    key: Box<str>,
+    generation: u64,
+    /// Per replica asked (server index), the kind and CAS it held, or `None` for nothing.
+    copies: Vec<(u16, Option<(Kind, u64)>)>,
+}
+
+impl SeenCache {
+    /// Slots of a replicated store's cache (a single-copy store needs none, and gets one).
+    pub(crate) const SLOTS: usize = 4096;
+
+    pub(crate) fn new(slots: usize) -> Self {
+        Self {
+            slots: (0..slots.max(1)).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    fn slot(&self, key: &StorageKey) -> std::sync::MutexGuard<'_, Option<Seen>> {
+        let index = (fnv1a(key.as_str().as_bytes()) % self.slots.len() as u64) as usize;
+        self.slots[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remember(&self, key: &StorageKey, generation: u64, copies: Vec<(u16, Option<(Kind, u64)>)>) {
+        *self.slot(key) = Some(Seen {
+            key: key.as_str().into(),
+            generation,
+            copies,
+        });
+    }
+
+    fn forget(&self, key: &StorageKey) {
+        let mut slot = self.slot(key);
+        if slot.as_ref().is_some_and(|seen| *seen.key == *key.as_str()) {
+            *slot = None;
+        }
+    }
+
+    /// The copies seen of `key` at `generation`, if those are what this process last saw.
+    fn recall(&self, key: &StorageKey, generation: u64) -> Option<Vec<(u16, Option<(Kind, u64)>)>> {
+        let slot = self.slot(key);
+        let seen = slot.as_ref()?;
+        (*seen.key == *key.as_str() && seen.generation == generation).then(|| seen.copies.clone())
+    }
+}
+
+/// How many writes a replica gets before a write gives up on it (each lost race re-reads it).
+const PLACE_TRIES: usize = 4;
+
+/// What one replica held when read: an item, or nothing.
+struct Copy {
+    node: Arc<Node>,
+    item: Option<Item>,
+}
+
+/// The copies the live replicas of one key answered with, best replica first.
+struct ReadPhase {
+    copies: Vec<Copy>,
+    /// Whether some replica did not answer (down, or failed now).
+    incomplete: bool,
+}
+
+impl ReadPhase {
+    /// The newest copy: the highest [`order`], the first replica on a tie.
+    fn winner(&self) -> Option<&Item> {
+        let mut best: Option<&Item> = None;
+        for copy in &self.copies {
+            if let Some(item) = &copy.item
+                && best.is_none_or(|b| order(Some(item)) > order(Some(b)))
+            {
+                best = Some(item);
+            }
+        }
+        best
+    }
+}
+
+/// How new a copy is: nothing, then sessions by generation, then a marker, then a tombstone.
+fn order(item: Option<&Item>) -> (u8, u64) {
+    match item.map(|i| i.kind) {
+        None => (0, 0),
+        Some(Kind::Session { generation }) => (1, generation),
+        Some(Kind::Moved) => (2, 0),
+        Some(Kind::Ended) => (3, 0),
+    }
+}
+
+/// Whether a copy of kind `existing` may be replaced by a write of kind `new`: only by
+/// something newer, and a tombstone only by a create.
+fn replaceable(existing: Kind, new: Kind, over_tombstones: bool) -> bool {
+    match (existing, new) {
+        (Kind::Ended, _) => over_tombstones && !matches!(new, Kind::Ended),
+        (_, Kind::Ended) => true,
+        (Kind::Moved, _) => false,
+        (Kind::Session { .. }, Kind::Moved) => true,
+        (Kind::Session { generation: old }, Kind::Session { generation }) => old < generation,
+    }
+}
+
+/// An item to write to the replicas.
+struct Write {
+    kind: Kind,
+    flags: u32,
+    value: Vec<u8>,
+    ttl: Ttl,
+}
+
+impl Write {
+    fn session(generation: u64, record_bytes: &[u8], ttl: Duration) -> Self {
+        let mut value = Vec::with_capacity(GENERATION_LEN + record_bytes.len());
+        value.extend_from_slice(&generation.to_be_bytes());
+        value.extend_from_slice(record_bytes);
+        Self {
+            kind: Kind::Session { generation },
+            flags: GENERATION_SESSION_FLAGS,
+            value,
+            ttl: wire_ttl(ttl),
+        }
+    }
+
+    fn tombstone(operation: &'static str, ttl: Duration) -> Result<Self, StoreError> {
+        Ok(Self {
+            kind: Kind::Ended,
+            flags: expiry_flags(operation, ttl)?,
+            value: TOMBSTONE.to_vec(),
+            ttl: wire_ttl(ttl),
+        })
+    }
+
+    /// A copy of `item` with the expiry it has left, for read repair; `None` when it has
+    /// (almost) expired.
+    fn repair_of(item: &Item) -> Option<Self> {
+        let ttl = match item.kind {
+            Kind::Session { .. } => Ttl::from(Duration::from_secs(
+                u64::try_from(item.ttl?).ok().filter(|secs| *secs > 1)?,
+            )),
+            Kind::Moved | Kind::Ended => Ttl::from(time_left(item.flags)),
+        };
+        Some(Self {
+            kind: item.kind,
+            flags: item.flags,
+            value: item.value.clone(),
+            ttl,
+        })
+    }
+}
+
+/// A new session's first generation: the time in microseconds, shifted, with random low bits,
+/// so that a session created again under a deleted key outranks any old copy of the key.
+fn first_generation(key: &StorageKey) -> u64 {
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let random = fnv1a(&micros.to_le_bytes()) ^ fnv1a(key.as_str().as_bytes());
+    // 2^51 microseconds is the year 2041 + 35 years; the top bit stays clear for centuries.
+    ((micros as u64 & ((1 << 51) - 1)) << 12) | (random & 0xfff)
+}
+
+impl MemcachedStore {
+    /// The replicas of `key` to ask now: those not marked down, best first; all of them when
+    /// every one is marked down (so the caller gets an error, or a server that is back).
+    fn live_replicas(&self, key: &StorageKey) -> (Vec<Arc<Node>>, bool) {
+        let (indices, skipped) = self.live_replica_indices(key);
+        let nodes = indices
+            .iter()
+            .map(|&index| Arc::clone(&self.nodes[usize::from(index)]))
+            .collect();
+        (nodes, skipped)
+    }
+
+    fn live_replica_indices(&self, key: &StorageKey) -> (Vec<u16>, bool) {
+        let placement = self.placement(key);
+        let all = placement.as_slice();
+        let live: Vec<u16> = all
+            .iter()
+            .copied()
+            .filter(|&index| !self.nodes[usize::from(index)].is_down())
+            .collect();
+        if live.is_empty() {
+            (all.to_vec(), false)
+        } else {
+            let skipped = live.len() < all.len();
+            (live, skipped)
+        }
+    }
+
+    /// Remembers the copies `phase` read (or wrote) of `key`'s session at `generation`.
+    fn remember(&self, key: &StorageKey, generation: u64, copies: &[Copy]) {
+        let seen = copies
+            .iter()
+            .map(|copy| {
+                let index = self
+                    .nodes
+                    .iter()
+                    .position(|node| Arc::ptr_eq(node, &copy.node))
+                    .unwrap_or(0) as u16;
+                (index, copy.item.as_ref().map(|item| (item.kind, item.cas)))
+            })
+            .collect();
+        self.seen.remember(key, generation, seen);
+    }
+
+    /// The read phase this process last saw of `key` at `generation`, when it still asked
+    /// the same replicas; `None` means read afresh.
+    fn recalled_phase(&self, key: &StorageKey, generation: u64) -> Option<ReadPhase> {
+        let copies = self.seen.recall(key, generation)?;
+        let (live, skipped) = self.live_replica_indices(key);
+        if live.len() != copies.len() || live.iter().zip(&copies).any(|(a, (b, _))| a != b) {
+            return None;
+        }
+        let copies = copies
+            .into_iter()
+            .map(|(index, item)| Copy {
+                node: Arc::clone(&self.nodes[usize::from(index)]),
+                item: item.map(|(kind, cas)| Item {
+                    kind,
+                    flags: GENERATION_SESSION_FLAGS,
+                    cas,
+                    ttl: None,
+                    value: Vec::new(),
+                }),
+            })
+            .collect();
+        Some(ReadPhase {
+            copies,
+            incomplete: skipped,
+        })
+    }
+
+    /// Reads every live replica of `key` at once.
+    async fn read_phase(
+        &self,
+        operation: &'static str,
+        key: &StorageKey,
+    ) -> Result<ReadPhase, StoreError> {
+        let (nodes, skipped) = self.live_replicas(key);
+        let item_key = self.item_key(key);
+        let reads = nodes
+            .iter()
+            .map(|node| items::get(node, operation, &item_key, self.deadline));
+        let results = join_all(reads).await;
+        let mut copies = Vec::with_capacity(nodes.len());
+        let mut failure = None;
+        for (node, result) in nodes.into_iter().zip(results) {
+            match result {
+                Ok(item) => copies.push(Copy { node, item }),
+                Err(StoreError::Decode(source)) => return Err(StoreError::Decode(source)),
+                Err(error) => failure = Some(error),
+            }
+        }
+        if copies.is_empty() {
+            return Err(
+                failure.unwrap_or_else(|| items::unexpected(operation, "no replica to ask".into()))
+            );
+        }
+        Ok(ReadPhase {
+            incomplete: skipped || failure.is_some(),
+            copies,
+        })
+    }
+
+    /// Writes `write` to `node` unless the server holds something as new or newer; `known` is
+    /// what it held when last read (`None`: not read). Re-reads after a lost race, up to
+    /// `tries` writes. Returns the new CAS when written.
+    #[allow(clippy::too_many_arguments)] // reason: a private helper; the flags say what to keep
+    async fn place(
+        &self,
+        operation: &'static str,
+        node: &Arc<Node>,
+        item_key: &str,
+        write: &Write,
+        mut known: Option<Option<Item>>,
+        over_tombstones: bool,
+        tries: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        for _ in 0..tries {
+            let condition = match &known {
+                None | Some(None) => Condition::Absent,
+                Some(Some(item)) if replaceable(item.kind, write.kind, over_tombstones) => {
+                    Condition::Cas(item.cas)
+                }
+                Some(Some(_)) => return Ok(None),
+            };
+            let result = items::set(
+                node,
+                operation,
+                item_key,
+                &write.value,
+                write.flags,
+                write.ttl,
+                condition,
+                self.deadline,
+            )
+            .await?;
+            if result.status == MutationStatus::Applied {
+                return written_cas(operation, &result).map(Some);
+            }
+            known = Some(items::get(node, operation, item_key, self.deadline).await?);
+        }
+        Ok(None)
+    }
+
+    /// Brings every copy older than the winner up to it, in the background so that the read
+    /// does not wait; best effort, one try each (a lost race means a newer write got there; a
+    /// failure leaves the copy for the next read).
+    fn repair(&self, key: &StorageKey, phase: &ReadPhase) {
+        let Some(winner) = phase.winner() else {
+            return;
+        };
+        let stale: Vec<(Arc<Node>, Option<Item>)> = phase
+            .copies
+            .iter()
+            .filter(|copy| order(copy.item.as_ref()) < order(Some(winner)))
+            .map(|copy| (Arc::clone(&copy.node), copy.item.clone()))
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let (Some(write), Ok(runtime)) = (
+            Write::repair_of(winner),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let store = self.clone();
+        let item_key = self.item_key(key).into_owned();
+        runtime.spawn(async move {
+            let repairs = stale.into_iter().map(|(node, item)| {
+                let (store, item_key, write) = (&store, &item_key, &write);
+                async move {
+                    let known = Some(item);
+                    store
+                        .place("repair", &node, item_key, write, known, false, 1)
+                        .await
+                }
+            });
+            join_all(repairs).await;
+        });
+    }
+
+    pub(crate) async fn replicated_load_entry(
+        &self,
+        key: &StorageKey,
+    ) -> Result<Option<StoredEntry>, StoreError> {
+        let phase = self.read_phase("load", key).await?;
+        self.repair(key, &phase);
+        let Some(winner) = phase.winner() else {
+            self.seen.forget(key);
+            return Ok(None);
+        };
+        if let Kind::Session { generation } = winner.kind {
+            self.remember(key, generation, &phase.copies);
+        }
+        let version = match winner.kind {
+            Kind::Ended => return Ok(None),
+            Kind::Session { generation } => Version::new(generation),
+            Kind::Moved => Version::new(0),
+        };
+        StoredEntry::decode(
+            winner.payload(),
+            self.max_record_size,
+            version,
+            winner.expires_in(),
+        )
+        .map(Some)
+    }
+
+    pub(crate) async fn replicated_create(
+        &self,
+        key: &StorageKey,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Version, StoreError> {
+        check_ttl(ttl)?;
+        let bytes = encode_record_within(record, self.max_record_size)?;
+        let generation = first_generation(key);
+        let write = Write::session(generation, &bytes, ttl);
+        let (nodes, _) = self.live_replicas(key);
+        let item_key = self.item_key(key);
+        // Optimistic: add on every replica at once. All added (or down): created.
+        let adds = nodes.iter().map(|node| {
+            items::set(
+                node,
+                "create",
+                &item_key,
+                &write.value,
+                write.flags,
+                write.ttl,
+                Condition::Absent,
+                self.deadline,
+            )
+        });
+        let results = join_all(adds).await;
+        let mut added = Vec::new();
+        let mut refused = false;
+        let mut failure = None;
+        for (node, result) in nodes.iter().zip(results) {
+            match result {
+                Ok(result) if result.status == MutationStatus::Applied => {
+                    added.push((Arc::clone(node), written_cas("create", &result)?));
+                }
+                Ok(_) => refused = true,
+                Err(error) => failure = Some(error),
+            }
+        }
+        if !refused {
+            return match (added.is_empty(), failure) {
+                (true, Some(error)) => Err(error),
+                _ => Ok(Version::new(generation)),
+            };
+        }
+        // Something is there on some replica: an entry (then this create fails and takes its
+        // copies back), a tombstone or an older copy (replaced), or a racing create (the
+        // newest copy wins, and every racer agrees which one that is).
+        let phase = self.read_phase("create", key).await?;
+        let winner = phase.winner();
+        let mine = winner.is_some_and(|w| w.value == write.value);
+        let live_other = winner.is_some_and(|w| !mine && w.kind != Kind::Ended);
+        if live_other {
+            let undo = added.iter().map(|(node, cas)| async {
+                let client = node.client();
+                let request = client.delete(item_key.as_bytes()).compare_cas(*cas).send();
+                items::call(node, "create", self.deadline, request).await
+            });
+            join_all(undo).await;
+            return Err(StoreError::AlreadyExists);
+        }
+        let places = phase
+            .copies
+            .iter()
+            .filter(|copy| {
+                copy.item
+                    .as_ref()
+                    .is_none_or(|item| item.value != write.value)
+            })
+            .map(|copy| {
+                let known = Some(copy.item.clone());
+                self.place(
+                    "create",
+                    &copy.node,
+                    &item_key,
+                    &write,
+                    known,
+                    true,
+                    PLACE_TRIES,
+                )
+            });
+        let placed = join_all(places).await;
+        if !mine && !placed.iter().any(|p| matches!(p, Ok(Some(_)))) {
+            return Err(StoreError::AlreadyExists);
+        }
+        Ok(Version::new(generation))
+    }
+
+    /// `save` and `mark_moved`: `write` replaces the session at generation `version`. Tries
+    /// what this process last saw first; when that is out of date, reads the replicas.
+    async fn replace(
+        &self,
+        operation: &'static str,
+        key: &StorageKey,
+        version: Version,
+        write: &Write,
+    ) -> Result<(), StoreError> {
+        if let Some(phase) = self.recalled_phase(key, version.get()) {
+            self.seen.forget(key);
+            match self.replace_in(operation, key, version, write, phase).await {
+                Err(StoreError::Conflict) => {}
+                other => return other,
+            }
+        }
+        let phase = self.read_phase(operation, key).await?;
+        self.replace_in(operation, key, version, write, phase).await
+    }
+
+    async fn replace_in(
+        &self,
+        operation: &'static str,
+        key: &StorageKey,
+        version: Version,
+        write: &Write,
+        phase: ReadPhase,
+    ) -> Result<(), StoreError> {
+        match phase.winner().map(|w| w.kind) {
+            None | Some(Kind::Ended) => return Err(StoreError::NotFound),
+            Some(Kind::Moved) => return Err(StoreError::Conflict),
+            Some(Kind::Session { generation }) if generation != version.get() => {
+                return Err(StoreError::Conflict);
+            }
+            Some(Kind::Session { .. }) => {}
+        }
+        let item_key = self.item_key(key);
+        // The first replica that answers decides, by compare-and-set against what it held
+        // when read: of two racing writers, one wins there and the other gets a conflict.
+        let mut copies = phase.copies.iter();
+        let mut failure = None;
+        let mut written = Vec::with_capacity(phase.copies.len());
+        for copy in copies.by_ref() {
+            let condition = match &copy.item {
+                None => Condition::Absent,
+                Some(item) => Condition::Cas(item.cas),
+            };
+            let result = items::set(
+                &copy.node,
+                operation,
+                &item_key,
+                &write.value,
+                write.flags,
+                write.ttl,
+                condition,
+                self.deadline,
+            )
+            .await;
+            match result {
+                Ok(result) if result.status == MutationStatus::Applied => {
+                    written.push((Arc::clone(&copy.node), written_cas(operation, &result)?));
+                    failure = None;
+                    break;
+                }
+                Ok(_) => return Err(StoreError::Conflict),
+                // A server that fails now: the next replica decides instead.
+                Err(error) => failure = Some(error),
+            }
+        }
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        let rest: Vec<&Copy> = copies.collect();
+        let placed = join_all(rest.iter().map(|copy| {
+            let known = Some(copy.item.clone());
+            self.place(
+                operation,
+                &copy.node,
+                &item_key,
+                write,
+                known,
+                false,
+                PLACE_TRIES,
+            )
+        }))
+        .await;
+        for (copy, placed) in rest.iter().zip(placed) {
+            match placed {
+                Ok(Some(cas)) => written.push((Arc::clone(&copy.node), cas)),
+                _ => return Ok(()),
+            }
+        }
+        if let Kind::Session { generation } = write.kind {
+            let copies: Vec<Copy> = written
+                .into_iter()
+                .map(|(node, cas)| Copy {
+                    node,
+                    item: Some(Item {
+                        kind: write.kind,
+                        flags: write.flags,
+                        cas,
+                        ttl: None,
+                        value: Vec::new(),
+                    }),
+                })
+                .collect();
+            if copies.len() == phase.copies.len() {
+                self.remember(key, generation, &copies);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn replicated_save(
+        &self,
+        key: &StorageKey,
+        record: &Record,
+        ttl: Duration,
+        version: Version,
+    ) -> Result<Version, StoreError> {
+        check_ttl(ttl)?;
+        let bytes = encode_record_within(record, self.max_record_size)?;
+        let generation = version.get().checked_add(1).ok_or(StoreError::Conflict)?;
+        let write = Write::session(generation, &bytes, ttl);
+        self.replace("save", key, version, &write).await?;
+        Ok(Version::new(generation))
+    }
+
+    pub(crate) async fn replicated_mark_moved(
+        &self,
+        key: &StorageKey,
+        version: Version,
+        to: &StorageKey,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        check_ttl(ttl)?;
+        let write = Write {
+            kind: Kind::Moved,
+            flags: expiry_flags("mark_moved", ttl)?,
+            value: encode_moved(to),
+            ttl: wire_ttl(ttl),
+        };
+        self.replace("mark_moved", key, version, &write).await
+    }
+
+    pub(crate) async fn replicated_touch(
+        &self,
+        key: &StorageKey,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        check_ttl(ttl)?;
+        let (nodes, _) = self.live_replicas(key);
+        let item_key = self.item_key(key);
+        let touches = nodes.iter().map(|node| async {
+            let client = node.client();
+            let request = client
+                .get(item_key.as_bytes())
+                .touch(wire_ttl(ttl))
+                .without_value()
+                .send();
+            items::call(node, "touch", self.deadline, request).await
+        });
+        let results = join_all(touches).await;
+        let mut session = false;
+        let mut ended = false;
+        let mut failure = None;
+        let mut restores = Vec::new();
+        for (node, result) in nodes.iter().zip(results) {
+            match result {
+                Ok(result) if result.hit() => match result.client_flags {
+                    Some(flags) if flags > items::LAST_SESSION_FLAGS => {
+                        ended = true;
+                        restores.push((node, flags));
+                    }
+                    _ => session = true,
+                },
+                Ok(_) => {}
+                Err(error) => failure = Some(error),
+            }
+        }
+        // A marker or tombstone was touched: give it back its own expiry.
+        let item_key = &item_key;
+        let restore = restores.into_iter().map(|(node, flags)| async move {
+            let client = node.client();
+            let request = client
+                .get(item_key.as_bytes())
+                .touch(Ttl::from(time_left(flags)))
+                .without_value()
+                .send();
+            items::call(node, "touch", self.deadline, request).await
+        });
+        join_all(restore).await;
+        match failure {
+            Some(error) if !session && !ended => Err(error),
+            _ => Ok(session && !ended),
+        }
+    }
+
+    /// `delete` (no version) and `delete_if_version`: tombstones on every live replica, so
+    /// that a copy on a replica that is unreachable now cannot bring the session back later.
+    pub(crate) async fn replicated_delete(
+        &self,
+        key: &StorageKey,
+        version: Option<Version>,
+    ) -> Result<(), StoreError> {
+        let operation = if version.is_some() {
+            "delete_if_version"
+        } else {
+            "delete"
+        };
+        self.seen.forget(key);
+        let phase = self.read_phase(operation, key).await?;
+        let winner = phase.winner();
+        if let Some(version) = version {
+            match winner.map(|w| w.kind) {
+                None | Some(Kind::Ended) => return Err(StoreError::NotFound),
+                Some(Kind::Session { generation }) if generation == version.get() => {}
+                Some(_) => return Err(StoreError::Conflict),
+            }
+        } else if !phase.incomplete
+            && phase
+                .copies
+                .iter()
+                .all(|copy| copy.item.as_ref().is_none_or(|i| i.kind == Kind::Ended))
+        {
+            // Every replica answered and none holds a live entry: nothing to end.
+            return Ok(());
+        }
+        let write = Write::tombstone(operation, self.tombstone_ttl(&phase))?;
+        let item_key = self.item_key(key);
+        let mut copies = phase.copies.iter();
+        if version.is_some() {
+            // The first replica decides, as for a save.
+            let mut decided = false;
+            let mut failure = None;
+            for copy in copies.by_ref() {
+                let condition = match &copy.item {
+                    None => Condition::Absent,
+                    Some(item) => Condition::Cas(item.cas),
+                };
+                let result = items::set(
+                    &copy.node,
+                    operation,
+                    &item_key,
+                    &write.value,
+                    write.flags,
+                    write.ttl,
+                    condition,
+                    self.deadline,
+                )
+                .await;
+                match result {
+                    Ok(result) if result.status == MutationStatus::Applied => {
+                        decided = true;
+                        break;
+                    }
+                    Ok(_) => return Err(StoreError::Conflict),
+                    Err(error) => failure = Some(error),
+                }
+            }
+            if !decided {
+                return Err(failure.unwrap_or(StoreError::NotFound));
+            }
+        }
+        // A tombstone outranks everything, so it is written unconditionally.
+        let writes = copies.map(|copy| {
+            items::set(
+                &copy.node,
+                operation,
+                &item_key,
+                &write.value,
+                write.flags,
+                write.ttl,
+                Condition::Always,
+                self.deadline,
+            )
+        });
+        let results = join_all(writes).await;
+        if version.is_none() && results.iter().all(Result::is_err) {
+            if let Some(Err(error)) = results.into_iter().next() {
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// How long a tombstone must last: as long as any copy it ends could (the longest time
+    /// left among the copies read, plus a second); at least the configured tombstone TTL when
+    /// a replica did not answer, since its copy's expiry is unknown.
+    fn tombstone_ttl(&self, phase: &ReadPhase) -> Duration {
+        let longest = phase
+            .copies
+            .iter()
+            .filter_map(|copy| copy.item.as_ref())
+            .map(|item| match item.kind {
+                Kind::Session { .. } => item.expires_in().unwrap_or(self.tombstone_ttl),
+                Kind::Moved | Kind::Ended => time_left(item.flags),
+            })
+            .max()
+            .unwrap_or(Duration::ZERO)
+            + Duration::from_secs(1);
+        if phase.incomplete {
+            longest.max(self.tombstone_ttl)
+        } else {
+            longest
+        }
+    }
+}
