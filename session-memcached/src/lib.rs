@@ -1,16 +1,17 @@
 //! [`MemcachedStore`]: sessions in memcached, the primary backend, on one server or spread over
-//! several by rendezvous hashing.
+//! several by rendezvous hashing, with one copy of each session or several (replicas).
 //!
 //! It speaks memcached's meta protocol through the `memcache` crate's experimental `exp`
-//! client ([`AsyncMetaClient`]), pinned to exactly `=0.21.0`:
+//! client ([`AsyncMetaClient`](memcache::exp::AsyncMetaClient)), pinned to exactly `=0.21.0`,
+//! with one connection pool per server. With one copy (the default):
 //!
 //! | store operation | meta command |
 //! |---|---|
 //! | `create` | `ms <key> <size> T<ttl> MS c` with add mode (`ME`): stores only if absent |
-//! | `load` | `mg <key> v c t`: the value, its CAS (the version) and its remaining TTL |
+//! | `load` | `mg <key> v c t f`: the value, its CAS (the version), its remaining TTL and flags |
 //! | `save` | `ms <key> <size> T<ttl> C<cas> c`: compare-and-set; a vanished item stays vanished |
 //! | `mark_moved` | `ms <key> <size> T<ttl> C<cas> F<expiry> c`: the marker, compare-and-set; its client flags hold its expiry |
-//! | `touch` | `mg <key> T<ttl> f` without the value; nonzero flags (a marker) answer "no session", and a second `mg` gives the marker back its expiry |
+//! | `touch` | `mg <key> T<ttl> f` without the value; flags holding an expiry (a marker) answer "no session", and a second `mg` gives the marker back its expiry |
 //! | `delete` | `md <key>` |
 //! | `delete_if_version` | `md <key> C<cas>`: removed only at that CAS |
 //!
@@ -24,6 +25,86 @@
 //! one [`StoreError::Timeout`], and the store recovers by itself when the server is back
 //! (dead pooled connections are dropped and redialed).
 //!
+//! # Placement
+//!
+//! A key's servers are chosen by rendezvous hashing with a specified hash, so every build and
+//! every process agree (a rolling deploy never splits a session between two servers): each
+//! server scores `mix(fnv1a(storage key) ^ fnv1a(server name))`, with 64-bit FNV-1a and
+//! SplitMix64's finalizer as `mix`, and the key lives on the highest-scoring server (and the
+//! next ones, with replicas). The server name is the address as configured (`host:port`), not
+//! what it resolves to, so renumbering a host moves nothing. A unit test pins the placement of
+//! fixed keys. Adding or removing a server moves only the keys it gains or held. (Releases
+//! before this one routed with the `memcache` crate's hash: upgrading a multi-server
+//! deployment moves most sessions once, which logs their users out.)
+//!
+//! A server that fails a request (refused, reset, timed out) is marked down; a background
+//! probe resolves its name again (through the [`Resolver`], by default the system's) and sends
+//! a no-op every [`retry_interval`](MemcachedConfig::retry_interval) until it answers, so a
+//! server that comes back on a new address is reached. Each server's pool is capped (see
+//! [`MemcachedConfig::max_connections`] for the sizing rule).
+//!
+//! # Replicas
+//!
+//! With [`replicas(n)`](MemcachedConfig::replicas) (URL `?replicas=n`, n ≥ 2), each session
+//! lives on its `n` best servers, and the store keeps working, losing nothing acknowledged,
+//! while all but one of them are dead, hung or restarted empty. memcached has no replication
+//! and its CAS values differ per server (1.6.18 cannot set them), so the design is ours:
+//!
+//! - **Generations.** Every copy starts with an 8-byte generation (flags `2`): a new session's
+//!   is its creation time in microseconds, shifted left 12 bits, with 12 random bits; each save
+//!   adds one. The store's [`Version`] is the generation, the same whichever copy answered.
+//!   Ends are written as *tombstones* (an item whose flags hold its expiry and whose value is
+//!   `\0ended`), never as deletions, so that a copy on a server that missed the logout cannot
+//!   bring the session back.
+//! - **Reads** ask every live replica at once and take the newest copy: a tombstone over a
+//!   moved marker over the session of the highest generation (ties: the best-placed server).
+//!   A server that errs or times out is left out (a down server is not asked at all), so a
+//!   read succeeds while one replica answers; a server restarted empty simply answers "miss".
+//!   Copies older than the newest are *repaired* in the background, each by a write that never
+//!   overwrites anything newer (compare-and-set against what was read, or add).
+//! - **Which copy decides.** A conditional write (`save`, `mark_moved`, `delete_if_version`)
+//!   is decided by compare-and-set on the *first replica that answers*, in placement order,
+//!   against what that server held when read: of two racing writers one wins there and the
+//!   other gets [`StoreError::Conflict`], exactly as with one copy. The winner then carries the
+//!   write to the other replicas, never overwriting anything newer. A save right after a load
+//!   in the same process reuses the CAS values that load read (a stale guess only costs a
+//!   conflict, after which the replicas are read again), so a load-save request costs two
+//!   round trips to the first replica and one to the second.
+//! - **Creates** add on every replica at once; when a replica already holds something, the
+//!   store reads all copies and the newest decides (a create that loses takes its own copies
+//!   back and reports [`StoreError::AlreadyExists`]). A create over a tombstone replaces it.
+//! - **`delete` and `cycle_id`.** `delete` reads the copies, then writes a tombstone to every
+//!   live replica, living as long as the longest copy it ends (or
+//!   [`tombstone_ttl`](MemcachedConfig::tombstone_ttl), default a day, when a replica did not
+//!   answer and its copy's expiry is unknown). An id cycle leaves moved markers, which outrank
+//!   any session copy, on every live replica of the old key; the manager's logout follows
+//!   them.
+//! - **While a server is down** writes go to the live replicas only, and its keys have one
+//!   copy fewer until it returns; when it returns (restarted empty, or resumed with old
+//!   copies), reads fill it again and outrank what it missed.
+//!
+//! Limits, stated precisely:
+//!
+//! - The copies of a session are brought back to `n` by reads (and by writes). A session that
+//!   is not read between one of its servers' return and the death of its other server is lost,
+//!   as is one whose every replica dies. A server that comes back holding a stale copy (hung,
+//!   or partitioned from this process) is outranked while a newer copy or a tombstone is
+//!   readable; if the servers holding the newer copy die before a read repairs it, the stale
+//!   copy is what remains: an older value, or, for a logout done during the partition, the
+//!   session as it was before the logout.
+//! - Compare-and-set is exact while every process agrees which replicas answer. When one
+//!   process cannot reach a key's first server while another can (a partition, or the
+//!   moments in which a hung server is being timed out), two concurrent saves to one session
+//!   may both be acknowledged, and the read then keeps one of them.
+//! - A key created again under a deleted key (session ids are random 128-bit numbers, so only
+//!   direct store users do this) reads as ended if a tombstone survives on a replica that was
+//!   unreachable while it was created.
+//! - memcached may evict any item under memory pressure, tombstones included; size the
+//!   servers so that sessions are not evicted.
+//! - Cost: every read asks `n` servers and every write writes `n`; a save after a load in the
+//!   same process adds one round trip (to the second replica), a `delete` one read. The
+//!   compare harness reports `replicas=2` beside `replicas=1` on the same three servers.
+//!
 //! TLS: the `tls` feature forwards to the `memcache` crate's OpenSSL support. In 0.21.0 the
 //! `exp` client dials plain TCP only, so this store does not yet use TLS even with the feature;
 //! reach a TLS-only memcached through a local TLS tunnel until the client gains it.
@@ -34,7 +115,9 @@
 //! use session_core::{KeyRing, SessionConfig, SessionManager, SigningKey};
 //! use session_memcached::{MemcachedConfig, MemcachedStore};
 //!
-//! let config = MemcachedConfig::from_url("memcached://10.0.0.1:11211,10.0.0.2:11211?timeout_ms=250")?;
+//! let config = MemcachedConfig::from_url(
+//!     "memcached://10.0.0.1:11211,10.0.0.2:11211,10.0.0.3:11211?timeout_ms=250&replicas=2",
+//! )?;
 //! let store = MemcachedStore::connect(config).await?;
 //! let keys = KeyRing::single(SigningKey::new(std::env::var("SESSION_SECRET")?)?);
 //! let manager = SessionManager::new(Arc::new(store), SessionConfig::new(keys))?;

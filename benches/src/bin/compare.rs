@@ -408,6 +408,30 @@ async fn memcached_entries(server: &ServerProcess) -> Vec<Entry> {
     ]
 }
 
+/// Three servers: our store keeping one copy of each session, and two copies (`replicas=2`),
+/// the cost of surviving a server's death.
+async fn replicated_memcached_entries(servers: &[ServerProcess]) -> Vec<Entry> {
+    let config = |replicas| {
+        MemcachedConfig::new(servers.iter().map(ServerProcess::address)).replicas(replicas)
+    };
+    let single = MemcachedStore::connect(config(1)).await.unwrap();
+    let replicated = MemcachedStore::connect(config(2)).await.unwrap();
+    vec![
+        entry(
+            "memcached-x3",
+            "ours: MemcachedStore, replicas=1",
+            true,
+            Ours::new(Arc::new(single)).await,
+        ),
+        entry(
+            "memcached-x3",
+            "ours: MemcachedStore, replicas=2",
+            false,
+            Ours::new(Arc::new(replicated)).await,
+        ),
+    ]
+}
+
 async fn redis_entries(server: &ServerProcess) -> Vec<Entry> {
     let url = format!("redis://{}", server.address());
     let store = RedisStore::connect(RedisConfig::standalone(url.clone()))
@@ -663,7 +687,7 @@ fn main() {
 async fn compare(plan: Plan) {
     let started = Instant::now();
 
-    // `--only memory|memcached|redis` measures one backend, for quick iterations.
+    // `--only memory|memcached|memcached-x3|redis` measures one backend, for quick iterations.
     let args: Vec<String> = std::env::args().collect();
     let only = args
         .iter()
@@ -672,6 +696,9 @@ async fn compare(plan: Plan) {
     let wanted = |backend: &str| only.as_deref().is_none_or(|o| o == backend);
     let memcached = ServerProcess::start_with(ServerKind::Memcached, &["-c", "4096"]);
     let redis_server = ServerProcess::start(ServerKind::Redis);
+    let three_memcached: Option<Vec<ServerProcess>> = (0..3)
+        .map(|_| ServerProcess::start_with(ServerKind::Memcached, &["-c", "4096"]))
+        .collect();
     let mut entries = Vec::new();
     if wanted("memory") {
         entries.extend(memory_entries().await);
@@ -680,6 +707,11 @@ async fn compare(plan: Plan) {
         Some(server) if wanted("memcached") => entries.extend(memcached_entries(server).await),
         Some(_) => {}
         None => eprintln!("memcached is not installed: its rows are missing"),
+    }
+    if let Some(servers) = &three_memcached
+        && wanted("memcached-x3")
+    {
+        entries.extend(replicated_memcached_entries(servers).await);
     }
     match &redis_server {
         Some(server) if wanted("redis") => entries.extend(redis_entries(server).await),
@@ -728,7 +760,7 @@ async fn compare(plan: Plan) {
         }
     }
     rows.sort_by_key(|r| {
-        let backend = ["memory", "memcached", "redis"]
+        let backend = ["memory", "memcached", "memcached-x3", "redis"]
             .iter()
             .position(|b| *b == r.backend);
         (backend, r.concurrency, !r.ours)
