@@ -141,25 +141,31 @@ pub(crate) async fn get(
     }))
 }
 
+/// One `ms`: what to store and when.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Put<'a> {
+    pub(crate) value: &'a [u8],
+    pub(crate) flags: u32,
+    pub(crate) ttl: Ttl,
+    pub(crate) condition: Condition,
+}
+
 /// `ms <key> <size> T<ttl> F<flags> [C<cas>|ME] c`: sets `key` on `node`, asking for the new
 /// CAS.
 pub(crate) async fn set(
     node: &Arc<Node>,
     operation: &'static str,
     key: &str,
-    value: &[u8],
-    flags: u32,
-    ttl: Ttl,
-    condition: Condition,
+    put: Put<'_>,
     deadline: Duration,
 ) -> Result<MutationResult, StoreError> {
     let client = node.client();
     let request = client
-        .set(key.as_bytes(), value)
-        .client_flags(flags)
-        .ttl(ttl)
+        .set(key.as_bytes(), put.value)
+        .client_flags(put.flags)
+        .ttl(put.ttl)
         .return_cas();
-    let request = match condition {
+    let request = match put.condition {
         Condition::Always => request,
         Condition::Absent => request.add(),
         Condition::Cas(cas) => request.compare_cas(cas),

@@ -16,8 +16,8 @@ use session_core::{Record, StorageKey, StoreError, StoredEntry, Version};
 
 use crate::MemcachedStore;
 use crate::items::{
-    self, Condition, GENERATION_LEN, GENERATION_SESSION_FLAGS, Item, Kind, TOMBSTONE, expiry_flags,
-    time_left, wire_ttl, written_cas,
+    self, Condition, GENERATION_LEN, GENERATION_SESSION_FLAGS, Item, Kind, Put, TOMBSTONE,
+    expiry_flags, time_left, wire_ttl, written_cas,
 };
 use crate::nodes::{Node, fnv1a};
 
@@ -29,12 +29,14 @@ pub(crate) struct SeenCache {
     slots: Box<[Mutex<Option<Seen>>]>,
 }
 
+/// Per replica asked (server index), the kind and CAS it held, or `None` for nothing.
+type SeenCopies = Vec<(u16, Option<(Kind, u64)>)>;
+
 /// The copies of one session at one generation, as last seen.
 struct Seen {
     key: Box<str>,
     generation: u64,
-    /// Per replica asked (server index), the kind and CAS it held, or `None` for nothing.
-    copies: Vec<(u16, Option<(Kind, u64)>)>,
+    copies: SeenCopies,
 }
 
 impl SeenCache {
@@ -52,7 +54,7 @@ impl SeenCache {
         self.slots[index].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn remember(&self, key: &StorageKey, generation: u64, copies: Vec<(u16, Option<(Kind, u64)>)>) {
+    fn remember(&self, key: &StorageKey, generation: u64, copies: SeenCopies) {
         *self.slot(key) = Some(Seen {
             key: key.as_str().into(),
             generation,
@@ -68,7 +70,7 @@ impl SeenCache {
     }
 
     /// The copies seen of `key` at `generation`, if those are what this process last saw.
-    fn recall(&self, key: &StorageKey, generation: u64) -> Option<Vec<(u16, Option<(Kind, u64)>)>> {
+    fn recall(&self, key: &StorageKey, generation: u64) -> Option<SeenCopies> {
         let slot = self.slot(key);
         let seen = slot.as_ref()?;
         (*seen.key == *key.as_str() && seen.generation == generation).then(|| seen.copies.clone())
@@ -137,6 +139,15 @@ struct Write {
 }
 
 impl Write {
+    fn put(&self, condition: Condition) -> Put<'_> {
+        Put {
+            value: &self.value,
+            flags: self.flags,
+            ttl: self.ttl,
+            condition,
+        }
+    }
+
     fn session(generation: u64, record_bytes: &[u8], ttl: Duration) -> Self {
         let mut value = Vec::with_capacity(GENERATION_LEN + record_bytes.len());
         value.extend_from_slice(&generation.to_be_bytes());
@@ -316,10 +327,7 @@ impl MemcachedStore {
                 node,
                 operation,
                 item_key,
-                &write.value,
-                write.flags,
-                write.ttl,
-                condition,
+                write.put(condition),
                 self.deadline,
             )
             .await?;
@@ -414,10 +422,7 @@ impl MemcachedStore {
                 node,
                 "create",
                 &item_key,
-                &write.value,
-                write.flags,
-                write.ttl,
-                Condition::Absent,
+                write.put(Condition::Absent),
                 self.deadline,
             )
         });
@@ -534,10 +539,7 @@ impl MemcachedStore {
                 &copy.node,
                 operation,
                 &item_key,
-                &write.value,
-                write.flags,
-                write.ttl,
-                condition,
+                write.put(condition),
                 self.deadline,
             )
             .await;
@@ -727,10 +729,7 @@ impl MemcachedStore {
                     &copy.node,
                     operation,
                     &item_key,
-                    &write.value,
-                    write.flags,
-                    write.ttl,
-                    condition,
+                    write.put(condition),
                     self.deadline,
                 )
                 .await;
@@ -753,18 +752,16 @@ impl MemcachedStore {
                 &copy.node,
                 operation,
                 &item_key,
-                &write.value,
-                write.flags,
-                write.ttl,
-                Condition::Always,
+                write.put(Condition::Always),
                 self.deadline,
             )
         });
         let results = join_all(writes).await;
-        if version.is_none() && results.iter().all(Result::is_err) {
-            if let Some(Err(error)) = results.into_iter().next() {
-                return Err(error);
-            }
+        if version.is_none()
+            && results.iter().all(Result::is_err)
+            && let Some(Err(error)) = results.into_iter().next()
+        {
+            return Err(error);
         }
         Ok(())
     }

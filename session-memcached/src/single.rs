@@ -11,8 +11,8 @@ use session_core::{Record, StorageKey, StoreError, StoredEntry, Version};
 
 use crate::MemcachedStore;
 use crate::items::{
-    self, Condition, Kind, LAST_SESSION_FLAGS, SESSION_FLAGS, expiry_flags, time_left, unexpected,
-    wire_ttl, written_cas,
+    self, Condition, Kind, LAST_SESSION_FLAGS, Put, SESSION_FLAGS, expiry_flags, time_left,
+    unexpected, wire_ttl, written_cas,
 };
 use crate::nodes::Node;
 
@@ -31,10 +31,12 @@ impl MemcachedStore {
             node,
             "create",
             &item_key,
-            &bytes,
-            SESSION_FLAGS,
-            wire_ttl(ttl),
-            Condition::Absent,
+            Put {
+                value: &bytes,
+                flags: SESSION_FLAGS,
+                ttl: wire_ttl(ttl),
+                condition: Condition::Absent,
+            },
             self.deadline,
         )
         .await?;
@@ -85,10 +87,12 @@ impl MemcachedStore {
             node,
             operation,
             &item_key,
-            bytes,
-            flags,
-            wire_ttl(ttl),
-            Condition::Cas(version.get()),
+            Put {
+                value: bytes,
+                flags,
+                ttl: wire_ttl(ttl),
+                condition: Condition::Cas(version.get()),
+            },
             self.deadline,
         )
         .await?;
