@@ -209,6 +209,11 @@ impl MemcachedConfig {
         if self.servers.len() > usize::from(u16::MAX) {
             return Err(ConfigError::TooManyServers);
         }
+        let mut names: Vec<&str> = self.servers.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(ConfigError::DuplicateServer(pair[0].to_owned()));
+        }
         let most = crate::MAX_REPLICAS.min(self.servers.len());
         if !(1..=most).contains(&self.replicas) {
             return Err(ConfigError::Replicas { most });
@@ -324,6 +329,9 @@ pub enum ConfigError {
     },
     /// More than 65,535 servers.
     TooManyServers,
+    /// A server is listed twice (after adding the default port), which would put two copies
+    /// of a session on one server.
+    DuplicateServer(String),
     /// `replicas` is zero, or more than the servers or [`MAX_REPLICAS`](crate::MAX_REPLICAS).
     Replicas {
         /// The most replicas this configuration allows.
@@ -355,6 +363,9 @@ impl fmt::Display for ConfigError {
                 write!(f, "the maximum item size must be at least {min}")
             }
             Self::TooManyServers => f.write_str("at most 65535 memcached servers"),
+            Self::DuplicateServer(server) => {
+                write!(f, "the memcached server {server} is listed twice")
+            }
             Self::Replicas { most } => {
                 write!(f, "replicas must be from 1 to {most} with these servers")
             }
@@ -439,6 +450,14 @@ mod tests {
                 .key_prefix("p".repeat(65))
                 .validated(),
             Err(ConfigError::InvalidKeyPrefix)
+        ));
+        assert!(matches!(
+            MemcachedConfig::new(["h", "h:11211"]).validated(),
+            Err(ConfigError::DuplicateServer(server)) if server == "h:11211"
+        ));
+        assert!(matches!(
+            MemcachedConfig::new(["a", "b"]).replicas(3).validated(),
+            Err(ConfigError::Replicas { most: 2 })
         ));
     }
 

@@ -10,12 +10,15 @@
 //! |---|---|---|
 //! | `0` | the encoded record | a session written by a single-copy store |
 //! | `2` | an 8-byte big-endian generation, then the encoded record | a session written by a replicated store |
-//! | the expiry, in Unix seconds | the encoded moved marker | a moved marker |
+//! | the expiry, in Unix seconds | the encoded moved marker | a moved marker (single-copy store) |
+//! | the item's expiry, in Unix seconds | [`REPLICATED_MARKER`], the marker's own expiry (8 bytes, big-endian Unix seconds), the encoded moved marker | a moved marker (replicated store); once its own expiry has passed it reads as ended |
 //! | the expiry, in Unix seconds | [`TOMBSTONE`] | an ended session (a replicated store's delete) |
 //!
-//! Both kinds of store read every format, so `replicas` can be changed on a running
-//! deployment. Keeping a marker's or tombstone's expiry in its flags lets `touch`, which reads
-//! flags but not values, tell them from sessions and give them back their own expiry.
+//! Both kinds of store read every format. Keeping a marker's or tombstone's expiry in its
+//! flags lets `touch`, which reads flags but not values, tell them from sessions and give
+//! them back their own expiry. A replicated store keeps a marker item longer than the marker
+//! lasts (as long as any copy of the session it replaced could), so that a stale copy on a
+//! replica that missed the id cycle cannot come back after the marker expires.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,7 +26,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use memcache::exp::{GetStatus, Meta, MutationResult, MutationStatus, Ttl};
 use session_core::StoreError;
-use session_core::codec::DecodeError;
 
 use crate::nodes::Node;
 
@@ -36,6 +38,21 @@ pub(crate) const LAST_SESSION_FLAGS: u32 = 2;
 /// The value of a tombstone. Its first byte is no codec format byte, so it never decodes as a
 /// record or a marker.
 pub(crate) const TOMBSTONE: &[u8] = b"\0ended";
+/// The start of a replicated store's marker value (no codec format byte starts with zero).
+pub(crate) const REPLICATED_MARKER: &[u8] = b"\0moved";
+/// Where a replicated marker's encoded marker starts.
+const REPLICATED_MARKER_HEADER: usize = REPLICATED_MARKER.len() + 8;
+
+/// The value of a replicated marker that lasts until `expires` (Unix seconds) and points at
+/// the encoded marker `moved`.
+pub(crate) fn replicated_marker(expires: u64, moved: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(REPLICATED_MARKER_HEADER + moved.len());
+    value.extend_from_slice(REPLICATED_MARKER);
+    value.extend_from_slice(&expires.to_be_bytes());
+    value.extend_from_slice(moved);
+    value
+}
+
 /// The length of the generation in front of a replicated session's record.
 pub(crate) const GENERATION_LEN: usize = 8;
 
@@ -46,8 +63,11 @@ pub(crate) enum Kind {
     Session { generation: u64 },
     /// A moved marker.
     Moved,
-    /// A tombstone.
+    /// A tombstone, or a replicated marker whose own expiry has passed.
     Ended,
+    /// A value this store cannot read (written by something else, or damaged): outranked by
+    /// every readable copy; alone, it loads as a decode error.
+    Unreadable,
 }
 
 /// One server's copy of an item.
@@ -66,7 +86,13 @@ impl Item {
     /// The encoded record or marker (the value without a generation).
     pub(crate) fn payload(&self) -> &[u8] {
         match (self.flags, self.kind) {
-            (GENERATION_SESSION_FLAGS, Kind::Session { .. }) => &self.value[GENERATION_LEN..],
+            (GENERATION_SESSION_FLAGS, Kind::Session { .. }) => {
+                self.value.get(GENERATION_LEN..).unwrap_or_default()
+            }
+            (_, Kind::Moved) if self.value.starts_with(REPLICATED_MARKER) => self
+                .value
+                .get(REPLICATED_MARKER_HEADER..)
+                .unwrap_or_default(),
             _ => &self.value,
         }
     }
@@ -79,24 +105,38 @@ impl Item {
     }
 }
 
-/// Classifies a stored item; a replicated session's value too short to hold its generation is
-/// a decode error.
-pub(crate) fn classify(flags: u32, value: &[u8]) -> Result<Kind, StoreError> {
+/// Classifies a stored item from its flags and value.
+pub(crate) fn classify(flags: u32, value: &[u8]) -> Kind {
     match flags {
-        SESSION_FLAGS => Ok(Kind::Session { generation: 0 }),
-        GENERATION_SESSION_FLAGS => {
-            let Some(generation) = value.first_chunk::<GENERATION_LEN>() else {
-                return Err(StoreError::Decode(DecodeError::TooShort {
-                    len: value.len(),
-                }));
-            };
-            Ok(Kind::Session {
+        SESSION_FLAGS => Kind::Session { generation: 0 },
+        GENERATION_SESSION_FLAGS => match value.first_chunk::<GENERATION_LEN>() {
+            Some(generation) => Kind::Session {
                 generation: u64::from_be_bytes(*generation),
-            })
+            },
+            None => Kind::Unreadable,
+        },
+        1 => Kind::Unreadable,
+        _ if value == TOMBSTONE => Kind::Ended,
+        _ if value.starts_with(REPLICATED_MARKER) => {
+            let expires = value
+                .get(REPLICATED_MARKER.len()..REPLICATED_MARKER_HEADER)
+                .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+                .map(u64::from_be_bytes);
+            match expires {
+                Some(expires) if expires > unix_now() => Kind::Moved,
+                Some(_) => Kind::Ended,
+                None => Kind::Unreadable,
+            }
         }
-        _ if value == TOMBSTONE => Ok(Kind::Ended),
-        _ => Ok(Kind::Moved),
+        _ => Kind::Moved,
     }
+}
+
+/// This host's clock, in Unix seconds.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// When a write may happen.
@@ -133,7 +173,7 @@ pub(crate) async fn get(
     let cas = checked_cas(operation, cas)?;
     let flags = result.client_flags.unwrap_or(SESSION_FLAGS);
     Ok(Some(Item {
-        kind: classify(flags, &value)?,
+        kind: classify(flags, &value),
         flags,
         cas,
         ttl: result.item.ttl,
@@ -159,6 +199,32 @@ pub(crate) async fn set(
     put: Put<'_>,
     deadline: Duration,
 ) -> Result<MutationResult, StoreError> {
+    set_telling(node, operation, key, put, deadline)
+        .await
+        .map_err(|failed| failed.error)
+}
+
+/// A failed `ms`, and whether it may have been applied (written in full, not answered).
+pub(crate) struct SetFailed {
+    pub(crate) error: StoreError,
+    pub(crate) maybe_applied: bool,
+}
+
+/// [`set`], telling a failure that may have been applied from one that surely was not.
+pub(crate) async fn set_telling(
+    node: &Arc<Node>,
+    operation: &'static str,
+    key: &str,
+    put: Put<'_>,
+    deadline: Duration,
+) -> Result<MutationResult, SetFailed> {
+    let _permit = node.permit().await.map_err(|()| SetFailed {
+        error: StoreError::Timeout {
+            operation,
+            after: deadline,
+        },
+        maybe_applied: false,
+    })?;
     let client = node.client();
     let request = client
         .set(key.as_bytes(), put.value)
@@ -170,7 +236,10 @@ pub(crate) async fn set(
         Condition::Absent => request.add(),
         Condition::Cas(cas) => request.compare_cas(cas),
     };
-    call(node, operation, deadline, request.send()).await
+    request.send().await.map_err(|error| SetFailed {
+        maybe_applied: error.is_ambiguous(),
+        error: failed(node, operation, deadline, error),
+    })
 }
 
 /// Runs one client call against `node` and maps its failure; a transport failure also marks
@@ -184,13 +253,29 @@ pub(crate) async fn call<T>(
     deadline: Duration,
     request: impl Future<Output = memcache::exp::Result<T>>,
 ) -> Result<T, StoreError> {
-    request.await.map_err(|error| {
-        use memcache::exp::Error as E;
-        if matches!(error, E::Io(_) | E::Timeout { .. } | E::Ambiguous { .. }) {
-            node.report_failure();
-        }
-        map_error(operation, error, deadline)
-    })
+    let _permit = node.permit().await.map_err(|()| StoreError::Timeout {
+        operation,
+        after: deadline,
+    })?;
+    request
+        .await
+        .map_err(|error| failed(node, operation, deadline, error))
+}
+
+/// Maps a client error, reporting a transport failure to the server's health. (A request that
+/// waits too long for one of this process's own connections fails before it gets here, in
+/// [`Node::permit`]: that says nothing about the server.)
+fn failed(
+    node: &Arc<Node>,
+    operation: &'static str,
+    deadline: Duration,
+    error: memcache::exp::Error,
+) -> StoreError {
+    use memcache::exp::Error as E;
+    if matches!(error, E::Io(_) | E::Timeout { .. } | E::Ambiguous { .. }) {
+        node.report_failure();
+    }
+    map_error(operation, error, deadline)
 }
 
 /// Transport timeouts (a hung server) become [`StoreError::Timeout`]; anything else is
@@ -241,10 +326,7 @@ pub(crate) fn expiry_flags(operation: &'static str, ttl: Duration) -> Result<u32
 /// The time left before the expiry held in a marker's or tombstone's `flags`, by this host's
 /// clock (the one that set it), at least a second.
 pub(crate) fn time_left(flags: u32) -> Duration {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Duration::from_secs(u64::from(flags).saturating_sub(now).max(1))
+    Duration::from_secs(u64::from(flags).saturating_sub(unix_now()).max(1))
 }
 
 /// A CAS value of zero means the server runs with CAS disabled (`-C`): every compare would

@@ -157,6 +157,10 @@ pub struct MemcachedStore {
     deadline: Duration,
     tombstone_ttl: Duration,
     seen: Arc<replicated::SeenCache>,
+    /// The longest TTL this store has given a session, in seconds.
+    longest_ttl: Arc<std::sync::atomic::AtomicU64>,
+    /// Read repairs running in the background.
+    repairs: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for MemcachedStore {
@@ -214,6 +218,8 @@ impl MemcachedStore {
             max_record_size: config.max_item_size - MemcachedConfig::ITEM_OVERHEAD,
             deadline: config.operation_deadline(),
             tombstone_ttl: config.tombstone_ttl,
+            longest_ttl: Arc::default(),
+            repairs: Arc::default(),
             seen: Arc::new(replicated::SeenCache::new(if config.replicas > 1 {
                 replicated::SeenCache::SLOTS
             } else {

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -50,7 +50,9 @@ impl PoolSettings {
             .connect_timeout(Some(self.connect_timeout))
             .io_timeout(Some(self.io_timeout))
             .max_idle(self.max_idle)
-            .max_connections(self.max_connections)
+            // The cap is kept by the node's own semaphore (see `Node::permit`), so that a
+            // wait for a connection is never mistaken for a server that does not answer.
+            .max_connections(None)
             .connect_async(address)
             .await
             .map_err(io::Error::other)
@@ -65,6 +67,11 @@ pub(crate) struct Node {
     pool: RwLock<Pool>,
     down: AtomicBool,
     probing: AtomicBool,
+    /// One permit per connection in use, when connections are capped.
+    permits: Option<tokio::sync::Semaphore>,
+    /// Counts the server's failures: CAS values remembered from before a failure may belong
+    /// to items the server lost (a restart resets its CAS counter), so they are not reused.
+    epoch: AtomicU64,
     settings: PoolSettings,
     resolver: Arc<dyn Resolver>,
 }
@@ -90,9 +97,23 @@ impl Node {
             pool: RwLock::new(Pool { address, client }),
             down: AtomicBool::new(false),
             probing: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            permits: settings.max_connections.map(tokio::sync::Semaphore::new),
             settings,
             resolver,
         })
+    }
+
+    /// Waits for a free connection slot, at most the connect timeout; `Err` when none came
+    /// (this process is at its cap: the server is not to blame).
+    pub(crate) async fn permit(&self) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, ()> {
+        let Some(permits) = &self.permits else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(self.settings.connect_timeout, permits.acquire()).await {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            _ => Err(()),
+        }
     }
 
     /// The server's name, as configured.
@@ -105,16 +126,27 @@ impl Node {
         Arc::clone(&self.pool.read().unwrap_or_else(|e| e.into_inner()).client)
     }
 
-    /// Whether the server failed its last request and has not answered a probe since.
-    pub(crate) fn is_down(&self) -> bool {
-        self.down.load(Ordering::Relaxed)
+    /// Whether the server failed its last request and has not answered a probe since. A down
+    /// server always has a probe running: one whose task ended with its runtime is started
+    /// again here, since requests leave a down server out and report nothing new.
+    pub(crate) fn is_down(self: &Arc<Self>) -> bool {
+        let down = self.down.load(Ordering::Acquire);
+        if down && !self.probing.load(Ordering::Acquire) {
+            self.start_probe();
+        }
+        down
     }
 
     /// Records a transport failure (refused, reset, timed out): the server is down until a
     /// background probe gets an answer. The probe resolves the name again before each try, so
     /// it also finds a server that moved to a new address.
     pub(crate) fn report_failure(self: &Arc<Self>) {
-        self.down.store(true, Ordering::Relaxed);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.down.store(true, Ordering::Release);
+        self.start_probe();
+    }
+
+    fn start_probe(self: &Arc<Self>) {
         if self.probing.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -122,7 +154,12 @@ impl Node {
             self.probing.store(false, Ordering::Release);
             return;
         };
-        runtime.spawn(probe(Arc::downgrade(self)));
+        runtime.spawn(probe(ProbeGuard(Arc::downgrade(self))));
+    }
+
+    /// The number of failures reported so far.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Resolves the name again and, when it points somewhere new, swaps in a pool for the new
@@ -148,20 +185,34 @@ impl Node {
 
 /// Every retry interval: resolve the name again, then send a `mn` (no-op); the first answer
 /// marks the server up. Ends when the server answers or the store is dropped.
-async fn probe(node: Weak<Node>) {
+async fn probe(guard: ProbeGuard) {
     loop {
-        let Some(interval) = node.upgrade().map(|n| n.settings.retry_interval) else {
+        let Some(interval) = guard.0.upgrade().map(|n| n.settings.retry_interval) else {
             return;
         };
         tokio::time::sleep(interval).await;
-        let Some(node) = node.upgrade() else {
+        let Some(node) = guard.0.upgrade() else {
             return;
         };
         node.re_resolve().await;
         if node.client().noop().await.is_ok() {
-            node.down.store(false, Ordering::Relaxed);
+            // Probing ends before the server counts as up: a failure reported in between
+            // starts a new probe instead of being left with none.
             node.probing.store(false, Ordering::Release);
+            node.down.store(false, Ordering::Release);
             return;
+        }
+    }
+}
+
+/// Ends a probe however its task ends (answered, or its runtime shut down), so that the next
+/// failure starts a new one.
+struct ProbeGuard(Weak<Node>);
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        if let Some(node) = self.0.upgrade() {
+            node.probing.store(false, Ordering::Release);
         }
     }
 }

@@ -5,13 +5,15 @@
 //! the first replica that answers, then carried to the others without ever overwriting
 //! something newer.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
 use memcache::exp::{MutationStatus, Ttl};
+use session_core::codec::DecodeError;
 use session_core::codec::{encode_moved, encode_record_within};
-use session_core::store::check_ttl;
+use session_core::store::{MAX_TTL, MIN_TTL, check_ttl};
 use session_core::{Record, StorageKey, StoreError, StoredEntry, Version};
 
 use crate::MemcachedStore;
@@ -29,12 +31,17 @@ pub(crate) struct SeenCache {
     slots: Box<[Mutex<Option<Seen>>]>,
 }
 
-/// Per replica asked (server index), the kind and CAS it held, or `None` for nothing.
-type SeenCopies = Vec<(u16, Option<(Kind, u64)>)>;
+/// Per replica asked: its server index, the server's failure count then, and the kind and
+/// CAS it held (`None` for nothing).
+type SeenCopies = Vec<(u16, u64, Option<(Kind, u64)>)>;
+
+/// How long a remembered read stays usable: about one request's time from load to save.
+const SEEN_FOR: Duration = Duration::from_secs(2);
 
 /// The copies of one session at one generation, as last seen.
 struct Seen {
     key: Box<str>,
+    at: Instant,
     generation: u64,
     copies: SeenCopies,
 }
@@ -57,6 +64,7 @@ impl SeenCache {
     fn remember(&self, key: &StorageKey, generation: u64, copies: SeenCopies) {
         *self.slot(key) = Some(Seen {
             key: key.as_str().into(),
+            at: Instant::now(),
             generation,
             copies,
         });
@@ -73,7 +81,23 @@ impl SeenCache {
     fn recall(&self, key: &StorageKey, generation: u64) -> Option<SeenCopies> {
         let slot = self.slot(key);
         let seen = slot.as_ref()?;
-        (*seen.key == *key.as_str() && seen.generation == generation).then(|| seen.copies.clone())
+        (*seen.key == *key.as_str()
+            && seen.generation == generation
+            && seen.at.elapsed() < SEEN_FOR)
+            .then(|| seen.copies.clone())
+    }
+}
+
+/// The most read repairs one store runs in the background at once (each holds a copy of one
+/// session and a connection per stale replica).
+const MAX_REPAIRS: usize = 64;
+
+/// Frees a repair's place when its task ends, however it ends.
+struct RepairSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for RepairSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -112,9 +136,10 @@ impl ReadPhase {
 fn order(item: Option<&Item>) -> (u8, u64) {
     match item.map(|i| i.kind) {
         None => (0, 0),
-        Some(Kind::Session { generation }) => (1, generation),
-        Some(Kind::Moved) => (2, 0),
-        Some(Kind::Ended) => (3, 0),
+        Some(Kind::Unreadable) => (1, 0),
+        Some(Kind::Session { generation }) => (2, generation),
+        Some(Kind::Moved) => (3, 0),
+        Some(Kind::Ended) => (4, 0),
     }
 }
 
@@ -124,10 +149,36 @@ fn replaceable(existing: Kind, new: Kind, over_tombstones: bool) -> bool {
     match (existing, new) {
         (Kind::Ended, _) => over_tombstones && !matches!(new, Kind::Ended),
         (_, Kind::Ended) => true,
+        (Kind::Unreadable, _) => true,
+        (_, Kind::Unreadable) => false,
         (Kind::Moved, _) => false,
         (Kind::Session { .. }, Kind::Moved) => true,
         (Kind::Session { generation: old }, Kind::Session { generation }) => old < generation,
     }
+}
+
+/// What [`MemcachedStore::place`] did on one replica.
+enum Placed {
+    /// Written; the new CAS.
+    Written(u64),
+    /// Not written: the replica holds this, as new as the write or newer.
+    Holds(Item),
+    /// Not written: it kept losing races, or failed.
+    GaveUp,
+}
+
+/// Whether `held`, found on a replica while carrying `write` there, is another writer's
+/// write that competes with it (the same or a later generation, or another marker), rather
+/// than this write itself or something built on it.
+fn competes(held: &Item, write: &Write) -> bool {
+    held.value != write.value
+        && match (held.kind, write.kind) {
+            (Kind::Session { generation: held }, Kind::Session { generation }) => {
+                held >= generation
+            }
+            (Kind::Moved, Kind::Moved) => true,
+            _ => false,
+        }
 }
 
 /// An item to write to the replicas.
@@ -176,7 +227,8 @@ impl Write {
             Kind::Session { .. } => Ttl::from(Duration::from_secs(
                 u64::try_from(item.ttl?).ok().filter(|secs| *secs > 1)?,
             )),
-            Kind::Moved | Kind::Ended => Ttl::from(time_left(item.flags)),
+            Kind::Moved | Kind::Ended => Ttl::from(time_left(item.flags).min(MAX_TTL)),
+            Kind::Unreadable => return None,
         };
         Some(Self {
             kind: item.kind,
@@ -194,7 +246,8 @@ fn first_generation(key: &StorageKey) -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros());
     let random = fnv1a(&micros.to_le_bytes()) ^ fnv1a(key.as_str().as_bytes());
-    // 2^51 microseconds is the year 2041 + 35 years; the top bit stays clear for centuries.
+    // 51 bits of microseconds last until 2041, after which the time wraps: ordering by time
+    // only matters for a key created again after a delete, which the manager never does.
     ((micros as u64 & ((1 << 51) - 1)) << 12) | (random & 0xfff)
 }
 
@@ -236,7 +289,8 @@ impl MemcachedStore {
                     .iter()
                     .position(|node| Arc::ptr_eq(node, &copy.node))
                     .unwrap_or(0) as u16;
-                (index, copy.item.as_ref().map(|item| (item.kind, item.cas)))
+                let seen = copy.item.as_ref().map(|item| (item.kind, item.cas));
+                (index, copy.node.epoch(), seen)
             })
             .collect();
         self.seen.remember(key, generation, seen);
@@ -247,12 +301,18 @@ impl MemcachedStore {
     fn recalled_phase(&self, key: &StorageKey, generation: u64) -> Option<ReadPhase> {
         let copies = self.seen.recall(key, generation)?;
         let (live, skipped) = self.live_replica_indices(key);
-        if live.len() != copies.len() || live.iter().zip(&copies).any(|(a, (b, _))| a != b) {
+        // The same replicas, none of which has failed since (a restart resets a server's CAS
+        // counter, so a remembered CAS could match a different item).
+        let unchanged = live.len() == copies.len()
+            && live.iter().zip(&copies).all(|(index, (seen, epoch, _))| {
+                index == seen && self.nodes[usize::from(*index)].epoch() == *epoch
+            });
+        if !unchanged {
             return None;
         }
         let copies = copies
             .into_iter()
-            .map(|(index, item)| Copy {
+            .map(|(index, _, item)| Copy {
                 node: Arc::clone(&self.nodes[usize::from(index)]),
                 item: item.map(|(kind, cas)| Item {
                     kind,
@@ -314,29 +374,28 @@ impl MemcachedStore {
         mut known: Option<Option<Item>>,
         over_tombstones: bool,
         tries: usize,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Placed {
         for _ in 0..tries {
-            let condition = match &known {
+            let condition = match known {
                 None | Some(None) => Condition::Absent,
                 Some(Some(item)) if replaceable(item.kind, write.kind, over_tombstones) => {
                     Condition::Cas(item.cas)
                 }
-                Some(Some(_)) => return Ok(None),
+                Some(Some(item)) => return Placed::Holds(item),
             };
-            let result = items::set(
-                node,
-                operation,
-                item_key,
-                write.put(condition),
-                self.deadline,
-            )
-            .await?;
+            let put = write.put(condition);
+            let Ok(result) = items::set(node, operation, item_key, put, self.deadline).await else {
+                return Placed::GaveUp;
+            };
             if result.status == MutationStatus::Applied {
-                return written_cas(operation, &result).map(Some);
+                return written_cas(operation, &result).map_or(Placed::GaveUp, Placed::Written);
             }
-            known = Some(items::get(node, operation, item_key, self.deadline).await?);
+            let Ok(held) = items::get(node, operation, item_key, self.deadline).await else {
+                return Placed::GaveUp;
+            };
+            known = Some(held);
         }
-        Ok(None)
+        Placed::GaveUp
     }
 
     /// Brings every copy older than the winner up to it, in the background so that the read
@@ -361,9 +420,15 @@ impl MemcachedStore {
         ) else {
             return;
         };
+        if self.repairs.fetch_add(1, Ordering::AcqRel) >= MAX_REPAIRS {
+            // Enough repairs run already; a later read repairs this copy.
+            self.repairs.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
         let store = self.clone();
         let item_key = self.item_key(key).into_owned();
         runtime.spawn(async move {
+            let _running = RepairSlot(Arc::clone(&store.repairs));
             let repairs = stale.into_iter().map(|(node, item)| {
                 let (store, item_key, write) = (&store, &item_key, &write);
                 async move {
@@ -394,6 +459,11 @@ impl MemcachedStore {
             Kind::Ended => return Ok(None),
             Kind::Session { generation } => Version::new(generation),
             Kind::Moved => Version::new(0),
+            Kind::Unreadable => {
+                return Err(StoreError::Decode(DecodeError::TooShort {
+                    len: winner.value.len(),
+                }));
+            }
         };
         StoredEntry::decode(
             winner.payload(),
@@ -413,6 +483,7 @@ impl MemcachedStore {
         check_ttl(ttl)?;
         let bytes = encode_record_within(record, self.max_record_size)?;
         let generation = first_generation(key);
+        self.note_ttl(ttl);
         let write = Write::session(generation, &bytes, ttl);
         let (nodes, _) = self.live_replicas(key);
         let item_key = self.item_key(key);
@@ -482,7 +553,7 @@ impl MemcachedStore {
                 )
             });
         let placed = join_all(places).await;
-        if !mine && !placed.iter().any(|p| matches!(p, Ok(Some(_)))) {
+        if !mine && !placed.iter().any(|p| matches!(p, Placed::Written(_))) {
             return Err(StoreError::AlreadyExists);
         }
         Ok(Version::new(generation))
@@ -518,45 +589,16 @@ impl MemcachedStore {
     ) -> Result<(), StoreError> {
         match phase.winner().map(|w| w.kind) {
             None | Some(Kind::Ended) => return Err(StoreError::NotFound),
-            Some(Kind::Moved) => return Err(StoreError::Conflict),
-            Some(Kind::Session { generation }) if generation != version.get() => {
-                return Err(StoreError::Conflict);
-            }
-            Some(Kind::Session { .. }) => {}
+            Some(Kind::Session { generation }) if generation == version.get() => {}
+            Some(_) => return Err(StoreError::Conflict),
         }
         let item_key = self.item_key(key);
         // The first replica that answers decides, by compare-and-set against what it held
         // when read: of two racing writers, one wins there and the other gets a conflict.
         let mut copies = phase.copies.iter();
-        let mut failure = None;
-        let mut written = Vec::with_capacity(phase.copies.len());
-        for copy in copies.by_ref() {
-            let condition = match &copy.item {
-                None => Condition::Absent,
-                Some(item) => Condition::Cas(item.cas),
-            };
-            let result = items::set(
-                &copy.node,
-                operation,
-                &item_key,
-                write.put(condition),
-                self.deadline,
-            )
-            .await;
-            match result {
-                Ok(result) if result.status == MutationStatus::Applied => {
-                    written.push((Arc::clone(&copy.node), written_cas(operation, &result)?));
-                    failure = None;
-                    break;
-                }
-                Ok(_) => return Err(StoreError::Conflict),
-                // A server that fails now: the next replica decides instead.
-                Err(error) => failure = Some(error),
-            }
-        }
-        if let Some(error) = failure {
-            return Err(error);
-        }
+        let (decider, decided_cas) = self
+            .decide(operation, &item_key, write, copies.by_ref())
+            .await?;
         let rest: Vec<&Copy> = copies.collect();
         let placed = join_all(rest.iter().map(|copy| {
             let known = Some(copy.item.clone());
@@ -571,13 +613,20 @@ impl MemcachedStore {
             )
         }))
         .await;
+        let mut written = vec![(decider, decided_cas)];
+        let mut everywhere = true;
         for (copy, placed) in rest.iter().zip(placed) {
             match placed {
-                Ok(Some(cas)) => written.push((Arc::clone(&copy.node), cas)),
-                _ => return Ok(()),
+                Placed::Written(cas) => written.push((Arc::clone(&copy.node), cas)),
+                // Another writer decided on this replica (it could not reach the first one,
+                // or did not yet count it as back): yield to it.
+                Placed::Holds(held) if competes(&held, write) => {
+                    return self.yield_to(operation, &item_key, &held, &written).await;
+                }
+                _ => everywhere = false,
             }
         }
-        if let Kind::Session { generation } = write.kind {
+        if let (Kind::Session { generation }, true) = (write.kind, everywhere) {
             let copies: Vec<Copy> = written
                 .into_iter()
                 .map(|(node, cas)| Copy {
@@ -591,11 +640,73 @@ impl MemcachedStore {
                     }),
                 })
                 .collect();
-            if copies.len() == phase.copies.len() {
-                self.remember(key, generation, &copies);
-            }
+            self.remember(key, generation, &copies);
         }
         Ok(())
+    }
+
+    /// Writes `write` on the first of `copies` that answers, compare-and-set against what it
+    /// held when read; returns that replica and the new CAS. A replica that surely did not
+    /// apply the write (refused, or not sent in time) hands the decision to the next one; one
+    /// that may have applied it (sent, not answered) ends the write with its error, since a
+    /// second replica deciding could make two writes of one version.
+    async fn decide<'c>(
+        &self,
+        operation: &'static str,
+        item_key: &str,
+        write: &Write,
+        copies: impl Iterator<Item = &'c Copy>,
+    ) -> Result<(Arc<Node>, u64), StoreError> {
+        let mut failure = None;
+        for copy in copies {
+            let condition = match &copy.item {
+                None => Condition::Absent,
+                Some(item) => Condition::Cas(item.cas),
+            };
+            let put = write.put(condition);
+            match items::set_telling(&copy.node, operation, item_key, put, self.deadline).await {
+                Ok(result) if result.status == MutationStatus::Applied => {
+                    return Ok((Arc::clone(&copy.node), written_cas(operation, &result)?));
+                }
+                Ok(_) => return Err(StoreError::Conflict),
+                Err(failed) if failed.maybe_applied => return Err(failed.error),
+                Err(failed) => failure = Some(failed.error),
+            }
+        }
+        Err(failure.unwrap_or(StoreError::Conflict))
+    }
+
+    /// Another writer's `held` competes with this write, decided elsewhere: put it back over
+    /// this write wherever this write still stands (compare-and-set against this write's own
+    /// CAS) and report a conflict, so that one of the two is acknowledged, not both. Where
+    /// this write no longer stands, a later write was built on it: it stays acknowledged.
+    async fn yield_to(
+        &self,
+        operation: &'static str,
+        item_key: &str,
+        held: &Item,
+        written: &[(Arc<Node>, u64)],
+    ) -> Result<(), StoreError> {
+        let Some(theirs) = Write::repair_of(held) else {
+            return Err(StoreError::Conflict);
+        };
+        let backs = written.iter().map(|(node, cas)| {
+            let put = theirs.put(Condition::Cas(*cas));
+            items::set(node, operation, item_key, put, self.deadline)
+        });
+        let mut superseded = true;
+        for result in join_all(backs).await {
+            match result {
+                Ok(result) if result.status == MutationStatus::Applied => superseded = false,
+                Ok(_) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if superseded {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict)
+        }
     }
 
     pub(crate) async fn replicated_save(
@@ -608,11 +719,14 @@ impl MemcachedStore {
         check_ttl(ttl)?;
         let bytes = encode_record_within(record, self.max_record_size)?;
         let generation = version.get().checked_add(1).ok_or(StoreError::Conflict)?;
+        self.note_ttl(ttl);
         let write = Write::session(generation, &bytes, ttl);
         self.replace("save", key, version, &write).await?;
         Ok(Version::new(generation))
     }
 
+    /// The marker lasts `ttl`, but its item as long as a tombstone would: a replica that
+    /// misses the marker keeps its copy of the session, which must not outlive the marker.
     pub(crate) async fn replicated_mark_moved(
         &self,
         key: &StorageKey,
@@ -621,13 +735,18 @@ impl MemcachedStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         check_ttl(ttl)?;
+        self.seen.forget(key);
+        let phase = self.read_phase("mark_moved", key).await?;
+        let item_ttl = self.tombstone_ttl(&phase).max(ttl);
+        let expires = items::unix_now() + ttl.as_secs() + 1 + u64::from(ttl.subsec_nanos() > 0);
         let write = Write {
             kind: Kind::Moved,
-            flags: expiry_flags("mark_moved", ttl)?,
-            value: encode_moved(to),
-            ttl: wire_ttl(ttl),
+            flags: expiry_flags("mark_moved", item_ttl)?,
+            value: items::replicated_marker(expires, &encode_moved(to)),
+            ttl: wire_ttl(item_ttl),
         };
-        self.replace("mark_moved", key, version, &write).await
+        self.replace_in("mark_moved", key, version, &write, phase)
+            .await
     }
 
     pub(crate) async fn replicated_touch(
@@ -636,6 +755,7 @@ impl MemcachedStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         check_ttl(ttl)?;
+        self.note_ttl(ttl);
         let (nodes, _) = self.live_replicas(key);
         let item_key = self.item_key(key);
         let touches = nodes.iter().map(|node| async {
@@ -676,7 +796,9 @@ impl MemcachedStore {
                 .send();
             items::call(node, "touch", self.deadline, request).await
         });
-        join_all(restore).await;
+        for restored in join_all(restore).await {
+            restored?;
+        }
         match failure {
             Some(error) if !session && !ended => Err(error),
             _ => Ok(session && !ended),
@@ -718,33 +840,8 @@ impl MemcachedStore {
         let mut copies = phase.copies.iter();
         if version.is_some() {
             // The first replica decides, as for a save.
-            let mut decided = false;
-            let mut failure = None;
-            for copy in copies.by_ref() {
-                let condition = match &copy.item {
-                    None => Condition::Absent,
-                    Some(item) => Condition::Cas(item.cas),
-                };
-                let result = items::set(
-                    &copy.node,
-                    operation,
-                    &item_key,
-                    write.put(condition),
-                    self.deadline,
-                )
-                .await;
-                match result {
-                    Ok(result) if result.status == MutationStatus::Applied => {
-                        decided = true;
-                        break;
-                    }
-                    Ok(_) => return Err(StoreError::Conflict),
-                    Err(error) => failure = Some(error),
-                }
-            }
-            if !decided {
-                return Err(failure.unwrap_or(StoreError::NotFound));
-            }
+            self.decide(operation, &item_key, &write, copies.by_ref())
+                .await?;
         }
         // A tombstone outranks everything, so it is written unconditionally.
         let writes = copies.map(|copy| {
@@ -770,21 +867,37 @@ impl MemcachedStore {
     /// left among the copies read, plus a second); at least the configured tombstone TTL when
     /// a replica did not answer, since its copy's expiry is unknown.
     fn tombstone_ttl(&self, phase: &ReadPhase) -> Duration {
+        let unknown = self.fallback_tombstone_ttl();
         let longest = phase
             .copies
             .iter()
             .filter_map(|copy| copy.item.as_ref())
             .map(|item| match item.kind {
-                Kind::Session { .. } => item.expires_in().unwrap_or(self.tombstone_ttl),
+                Kind::Session { .. } => item.expires_in().unwrap_or(unknown),
                 Kind::Moved | Kind::Ended => time_left(item.flags),
+                Kind::Unreadable => unknown,
             })
             .max()
             .unwrap_or(Duration::ZERO)
             + Duration::from_secs(1);
-        if phase.incomplete {
-            longest.max(self.tombstone_ttl)
+        let ttl = if phase.incomplete {
+            longest.max(unknown)
         } else {
             longest
-        }
+        };
+        ttl.clamp(MIN_TTL, MAX_TTL)
+    }
+
+    /// The configured tombstone TTL, or the longest TTL this process has given a session if
+    /// that is longer.
+    fn fallback_tombstone_ttl(&self) -> Duration {
+        let longest = Duration::from_secs(self.longest_ttl.load(Ordering::Relaxed));
+        self.tombstone_ttl.max(longest)
+    }
+
+    /// Notes a TTL given to a session, for [`fallback_tombstone_ttl`](Self::fallback_tombstone_ttl).
+    fn note_ttl(&self, ttl: Duration) {
+        self.longest_ttl
+            .fetch_max(ttl.as_secs().saturating_add(1), Ordering::Relaxed);
     }
 }

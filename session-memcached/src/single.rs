@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use memcache::exp::{GetStatus, MutationStatus, Ttl};
-use session_core::codec::{encode_moved, encode_record_within};
+use session_core::codec::{DecodeError, encode_moved, encode_record_within};
 use session_core::store::check_ttl;
 use session_core::{Record, StorageKey, StoreError, StoredEntry, Version};
 
@@ -57,6 +57,11 @@ impl MemcachedStore {
         };
         if item.kind == Kind::Ended {
             return Ok(None);
+        }
+        if item.kind == Kind::Unreadable {
+            return Err(StoreError::Decode(DecodeError::TooShort {
+                len: item.value.len(),
+            }));
         }
         // Without the second every write adds for the coarse clock (see `wire_ttl`), so that a
         // save with the time reported left keeps the expiry where it is instead of moving it a

@@ -372,3 +372,243 @@ async fn a_node_that_comes_back_on_a_new_address_is_reached() {
     println!("reached the new address after {:?}", started.elapsed());
     assert_eq!(second.memcached_keys(), [key.as_str()]);
 }
+
+fn two_servers() -> Option<Vec<ServerProcess>> {
+    (0..2)
+        .map(|_| ServerProcess::start(ServerKind::Memcached))
+        .collect()
+}
+
+/// The server a store names, as a test process.
+fn server_named<'a>(servers: &'a [ServerProcess], name: &str) -> &'a ServerProcess {
+    servers.iter().find(|s| s.address() == name).unwrap()
+}
+
+/// Review finding: two processes that disagree about whether a key's first server is back
+/// must not both acknowledge a save against one version. Process B still counts the server
+/// down (it saw it hang, and probes rarely), process A never saw it fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_that_disagree_about_a_server_do_not_both_save_one_version() {
+    let Some(servers) = two_servers() else {
+        return;
+    };
+    let a = MemcachedStore::connect(config(&servers)).await.unwrap();
+    let b = MemcachedStore::connect(config(&servers).retry_interval(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let key = new_key();
+    a.create(&key, &record("start"), TTL).await.unwrap();
+    let version = a.load(&key).await.unwrap().unwrap().version;
+    assert_eq!(b.load(&key).await.unwrap().unwrap().version, version);
+
+    let first = server_named(&servers, a.servers_of(&key)[0]);
+    first.pause();
+    assert!(
+        b.touch(&key, TTL).await.is_ok(),
+        "answered by the second server"
+    );
+    first.resume();
+
+    let saved_by_b = b.save(&key, &record("b"), TTL, version).await;
+    let saved_by_a = a.save(&key, &record("a"), TTL, version).await;
+    assert!(saved_by_b.is_ok(), "{saved_by_b:?}");
+    assert!(
+        matches!(saved_by_a, Err(session_core::StoreError::Conflict)),
+        "both saves of one version were acknowledged: {saved_by_a:?}"
+    );
+    let seen_by_a = a.load(&key).await.unwrap().unwrap();
+    let seen_by_b = b.load(&key).await.unwrap().unwrap();
+    assert_eq!(seen_by_a.record, record("b"));
+    assert_eq!(seen_by_b.record, record("b"));
+    assert_eq!(seen_by_a.version, seen_by_b.version);
+}
+
+/// Review finding: an id cycle done while one replica was down leaves the old session on it;
+/// that copy must not come back once the marker's own TTL has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_an_id_cycle_does_not_bring_the_old_id_back() {
+    let Some(servers) = two_servers() else {
+        return;
+    };
+    let store = MemcachedStore::connect(config(&servers)).await.unwrap();
+    let key = new_key();
+    let version = store
+        .create(&key, &record("before login"), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let second = server_named(&servers, store.servers_of(&key)[1]);
+    second.pause();
+    assert!(store.load_entry(&key).await.unwrap().is_some());
+    let to = new_key();
+    store
+        .mark_moved(&key, version, &to, Duration::from_secs(2))
+        .await
+        .unwrap();
+    second.resume();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let entry = store.load_entry(&key).await.unwrap();
+    assert!(entry.is_none(), "the old id came back: {entry:?}");
+}
+
+/// Review finding: a burst that exhausts this process's own connection pool says nothing
+/// about the server, and must not mark it down (its deletes would then skip it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_connection_pool_does_not_count_as_a_dead_server() {
+    let Some(servers) = three_servers() else {
+        return;
+    };
+    // One connection per server, a wait for it of at most 2 ms, and a large session that
+    // keeps it busy for longer.
+    let config = config(&servers)
+        .max_connections(Some(1))
+        .connect_timeout(Duration::from_millis(2));
+    let store = MemcachedStore::connect(config).await.unwrap();
+    let busy = new_key();
+    let mut large = record("x");
+    large.set_value("filler", vec![7u8; 512 * 1024]);
+    store.create(&busy, &large, TTL).await.unwrap();
+    // A session sharing exactly one server with the busy one.
+    let busy_servers = store.servers_of(&busy);
+    let (key, shared) = loop {
+        let key = new_key();
+        let servers_of = store.servers_of(&key);
+        let shared: Vec<&str> = servers_of
+            .iter()
+            .copied()
+            .filter(|s| busy_servers.contains(s))
+            .collect();
+        if shared.len() == 1 {
+            break (key, shared[0].to_owned());
+        }
+    };
+    store.create(&key, &record("logged in"), TTL).await.unwrap();
+
+    let mut tasks = JoinSet::new();
+    for _ in 0..50 {
+        let (store, busy) = (store.clone(), busy.clone());
+        tasks.spawn(async move { store.load(&busy).await.is_err() });
+    }
+    let mut exhausted = 0;
+    while let Some(failed) = tasks.join_next().await {
+        exhausted += usize::from(failed.unwrap());
+    }
+    println!("{exhausted} of 50 loads found the pool exhausted");
+    assert!(
+        exhausted > 0,
+        "the burst did not exhaust the pool; the test proves nothing"
+    );
+    store.delete(&key).await.unwrap();
+    let reply = server_named(&servers, &shared)
+        .command_line(&format!("mg {} v\r\n", key.as_str()))
+        .unwrap();
+    assert!(
+        reply.starts_with("VA 6"),
+        "no tombstone on {shared}: {reply}"
+    );
+}
+
+/// Review finding: one copy that cannot be read (written by something else) must not block
+/// loading the good copy, or logging out.
+#[tokio::test]
+async fn an_unreadable_copy_neither_hides_the_good_one_nor_blocks_a_logout() {
+    let Some(servers) = two_servers() else {
+        return;
+    };
+    let store = MemcachedStore::connect(config(&servers)).await.unwrap();
+    let key = new_key();
+    let version = store.create(&key, &record("good"), TTL).await.unwrap();
+    let first = server_named(&servers, store.servers_of(&key)[0]);
+    let reply = first
+        .command_line(&format!("ms {} 3 F2 T60\r\nabc\r\n", key.as_str()))
+        .unwrap();
+    assert!(reply.starts_with("HD"), "{reply}");
+    let loaded = store.load(&key).await.unwrap().unwrap();
+    assert_eq!(loaded.record, record("good"));
+    assert_eq!(loaded.version, version);
+    // The load repairs the unreadable copy in the background.
+    let started = Instant::now();
+    while first
+        .command_line(&format!("mg {} v\r\n", key.as_str()))
+        .unwrap()
+        .starts_with("VA 3")
+    {
+        assert!(started.elapsed() < Duration::from_secs(5), "never repaired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store.delete_if_version(&key, version).await.unwrap();
+    assert!(store.load(&key).await.unwrap().is_none());
+}
+
+/// Review finding: a save whose deciding write was sent but not answered may have been
+/// applied; no other replica may decide it as well. It reports the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_sent_to_a_hung_first_server_is_not_decided_again_elsewhere() {
+    let Some(servers) = two_servers() else {
+        return;
+    };
+    let store = MemcachedStore::connect(config(&servers)).await.unwrap();
+    let key = new_key();
+    store.create(&key, &record("start"), TTL).await.unwrap();
+    let version = store.load(&key).await.unwrap().unwrap().version;
+    let first = server_named(&servers, store.servers_of(&key)[0]);
+    let second = server_named(&servers, store.servers_of(&key)[1]);
+    let on_second = || {
+        second
+            .command_line(&format!("mg {} v c\r\n", key.as_str()))
+            .unwrap()
+    };
+    let before = on_second();
+    assert!(before.starts_with("VA"), "{before}");
+    first.pause();
+    let saved = store.save(&key, &record("during"), TTL, version).await;
+    assert!(
+        matches!(saved, Err(session_core::StoreError::Timeout { .. })),
+        "{saved:?}"
+    );
+    // Same length and CAS: the second server's copy was not written.
+    assert_eq!(
+        on_second(),
+        before,
+        "the second server decided the save too"
+    );
+    first.resume();
+}
+
+/// Review finding: a server marked down by a runtime that then shut down (taking its probe
+/// task along) must still be probed, and come back, for the store's next runtime.
+#[test]
+fn a_server_marked_down_under_a_runtime_that_ended_comes_back() {
+    let Some(servers) = two_servers() else {
+        return;
+    };
+    let first_runtime = tokio::runtime::Runtime::new().unwrap();
+    let (store, key) = first_runtime.block_on(async {
+        let store = MemcachedStore::connect(config(&servers)).await.unwrap();
+        let key = new_key();
+        store.create(&key, &record("x"), TTL).await.unwrap();
+        (store, key)
+    });
+    let first = server_named(&servers, store.servers_of(&key)[0]);
+    first.pause();
+    first_runtime.block_on(async { store.load(&key).await.unwrap() });
+    drop(first_runtime);
+    first.resume();
+
+    let second_runtime = tokio::runtime::Runtime::new().unwrap();
+    second_runtime.block_on(async {
+        let started = Instant::now();
+        loop {
+            let fresh = new_key();
+            store.create(&fresh, &record("y"), TTL).await.unwrap();
+            // With two servers and two replicas every key has a copy on each.
+            if first.memcached_keys().iter().any(|k| k == fresh.as_str()) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the server stayed down for this store"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
