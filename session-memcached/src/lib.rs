@@ -33,9 +33,12 @@
 //! SplitMix64's finalizer as `mix`, and the key lives on the highest-scoring server (and the
 //! next ones, with replicas). The server name is the address as configured (`host:port`), not
 //! what it resolves to, so renumbering a host moves nothing. A unit test pins the placement of
-//! fixed keys. Adding or removing a server moves only the keys it gains or held. (Releases
+//! fixed keys. Adding or removing a server moves only the keys it gains or held. Releases
 //! before this one routed with the `memcache` crate's hash: upgrading a multi-server
-//! deployment moves most sessions once, which logs their users out.)
+//! deployment moves most sessions, which logs their users out, and during a rolling upgrade
+//! old and new processes look for a session on different servers (a logout on one is not
+//! seen by the other). Upgrade every process at once, with a new
+//! [`key_prefix`](MemcachedConfig::key_prefix).
 //!
 //! A server that fails a request (refused, reset, timed out) is marked down; a background
 //! probe resolves its name again (through the [`Resolver`], by default the system's) and sends
@@ -65,23 +68,34 @@
 //! - **Which copy decides.** A conditional write (`save`, `mark_moved`, `delete_if_version`)
 //!   is decided by compare-and-set on the *first replica that answers*, in placement order,
 //!   against what that server held when read: of two racing writers one wins there and the
-//!   other gets [`StoreError::Conflict`], exactly as with one copy. The winner then carries the
-//!   write to the other replicas, never overwriting anything newer. A save right after a load
-//!   in the same process reuses the CAS values that load read (a stale guess only costs a
-//!   conflict, after which the replicas are read again), so a load-save request costs two
-//!   round trips to the first replica and one to the second.
+//!   other gets [`StoreError::Conflict`], exactly as with one copy. A deciding write that was
+//!   sent but not answered may have been applied, so it ends the write with its timeout (no
+//!   second replica decides it too); one that surely was not applied (refused) hands the
+//!   decision to the next replica. The winner then carries the write to the other replicas,
+//!   never overwriting anything newer. If it finds there a *competing* write of the same
+//!   version (another process decided on that replica, because it counted the first one down),
+//!   it yields: it puts the other write back over its own (compare-and-set against its own
+//!   write, so a later write built on it is left alone) and reports a conflict, so the two
+//!   processes do not both acknowledge. A save right after a load in the same process reuses
+//!   the CAS values that load read (for two seconds, and only while none of those servers has
+//!   failed since); a stale guess costs a conflict, after which the replicas are read again.
+//!   A load and save then cost two round trips to the first replica and one to the second.
 //! - **Creates** add on every replica at once; when a replica already holds something, the
 //!   store reads all copies and the newest decides (a create that loses takes its own copies
 //!   back and reports [`StoreError::AlreadyExists`]). A create over a tombstone replaces it.
 //! - **`delete` and `cycle_id`.** `delete` reads the copies, then writes a tombstone to every
-//!   live replica, living as long as the longest copy it ends (or
-//!   [`tombstone_ttl`](MemcachedConfig::tombstone_ttl), default a day, when a replica did not
-//!   answer and its copy's expiry is unknown). An id cycle leaves moved markers, which outrank
-//!   any session copy, on every live replica of the old key; the manager's logout follows
-//!   them.
+//!   live replica, living as long as the longest copy it ends; when a replica did not answer
+//!   and its copy's expiry is unknown, at least [`tombstone_ttl`](MemcachedConfig::tombstone_ttl)
+//!   (default a day) and at least the longest TTL this process has given a session. An id cycle
+//!   leaves moved markers, which outrank any session copy, on every live replica of the old
+//!   key; the marker reads as gone after its own TTL, but its item stays as long as a
+//!   tombstone would, so a replica that missed the cycle cannot bring the old id back. The
+//!   manager's logout follows markers.
 //! - **While a server is down** writes go to the live replicas only, and its keys have one
 //!   copy fewer until it returns; when it returns (restarted empty, or resumed with old
-//!   copies), reads fill it again and outrank what it missed.
+//!   copies), reads fill it again and outrank what it missed. A value on one replica that this
+//!   store cannot read (written by something else) is outranked by any readable copy and
+//!   replaced by repair.
 //!
 //! Limits, stated precisely:
 //!
@@ -92,18 +106,29 @@
 //!   readable; if the servers holding the newer copy die before a read repairs it, the stale
 //!   copy is what remains: an older value, or, for a logout done during the partition, the
 //!   session as it was before the logout.
-//! - Compare-and-set is exact while every process agrees which replicas answer. When one
-//!   process cannot reach a key's first server while another can (a partition, or the
-//!   moments in which a hung server is being timed out), two concurrent saves to one session
-//!   may both be acknowledged, and the read then keeps one of them.
+//! - Compare-and-set is exact while the processes that save one session concurrently can
+//!   each reach the replica the other decided on. When they cannot (a true partition: one
+//!   process reaches only the first server, the other only the second), both saves may be
+//!   acknowledged, and reads then keep the one on the better-placed server.
+//! - A remembered CAS value is reused only for two seconds and only if its server has not
+//!   failed since; a server restarted and refilled within those two seconds, unnoticed by
+//!   this process, whose CAS counter reaches exactly the remembered value, would let one stale
+//!   save through.
+//! - `replicas` cannot be changed on a running deployment: single-copy stores delete without
+//!   tombstones and write no generations, so old copies could come back. Change it together
+//!   with [`key_prefix`](MemcachedConfig::key_prefix) (which starts every session afresh),
+//!   as for any change of the server list that moves many keys.
 //! - A key created again under a deleted key (session ids are random 128-bit numbers, so only
 //!   direct store users do this) reads as ended if a tombstone survives on a replica that was
 //!   unreachable while it was created.
 //! - memcached may evict any item under memory pressure, tombstones included; size the
 //!   servers so that sessions are not evicted.
 //! - Cost: every read asks `n` servers and every write writes `n`; a save after a load in the
-//!   same process adds one round trip (to the second replica), a `delete` one read. The
-//!   compare harness reports `replicas=2` beside `replicas=1` on the same three servers.
+//!   same process adds one round trip (to the second replica), a `delete` and a `mark_moved`
+//!   one read. With `n` = 3 and two servers hung, an operation can take up to about twice
+//!   [`operation_deadline`](MemcachedConfig::operation_deadline) (a read, then a write, each
+//!   waiting for a timeout). The compare harness reports `replicas=2` beside `replicas=1` on
+//!   the same three servers.
 //!
 //! TLS: the `tls` feature forwards to the `memcache` crate's OpenSSL support. In 0.21.0 the
 //! `exp` client dials plain TCP only, so this store does not yet use TLS even with the feature;
