@@ -67,6 +67,8 @@ pub(crate) struct Node {
     pool: RwLock<Pool>,
     down: AtomicBool,
     probing: AtomicBool,
+    /// When a probe last found the server back, if it ever was down.
+    back_since: std::sync::Mutex<Option<std::time::Instant>>,
     /// One permit per connection in use, when connections are capped.
     permits: Option<tokio::sync::Semaphore>,
     /// Counts the server's failures: CAS values remembered from before a failure may belong
@@ -98,6 +100,7 @@ impl Node {
             down: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
+            back_since: std::sync::Mutex::new(None),
             permits: settings.max_connections.map(tokio::sync::Semaphore::new),
             settings,
             resolver,
@@ -157,6 +160,16 @@ impl Node {
         runtime.spawn(probe(ProbeGuard(Arc::downgrade(self))));
     }
 
+    /// Whether the server came back less than `settle` ago: every process of the deployment
+    /// probes a returned server within one retry interval, so until then some may still count
+    /// it down, and it must not decide writes (see the crate docs, "Replicas").
+    pub(crate) fn settling(&self, settle: Duration) -> bool {
+        self.back_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|since| since.elapsed() < settle)
+    }
+
     /// The number of failures reported so far.
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
@@ -199,6 +212,8 @@ async fn probe(guard: ProbeGuard) {
             // Probing ends before the server counts as up: a failure reported in between
             // starts a new probe instead of being left with none.
             node.probing.store(false, Ordering::Release);
+            *node.back_since.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(std::time::Instant::now());
             node.down.store(false, Ordering::Release);
             return;
         }

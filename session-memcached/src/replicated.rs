@@ -118,12 +118,16 @@ struct ReadPhase {
 }
 
 impl ReadPhase {
-    /// The newest copy: the highest [`order`], the first replica on a tie.
+    /// The newest copy: the highest [`order`]; on a tie, the copy on the replica placed last.
+    /// (Two different copies of one generation mean two writers decided on different
+    /// replicas; the one that decided on the better-placed replica finds the other's write
+    /// when it carries its own there, and yields to it, so the later copy is the one that
+    /// stays.)
     fn winner(&self) -> Option<&Item> {
         let mut best: Option<&Item> = None;
         for copy in &self.copies {
             if let Some(item) = &copy.item
-                && best.is_none_or(|b| order(Some(item)) > order(Some(b)))
+                && best.is_none_or(|b| order(Some(item)) >= order(Some(b)))
             {
                 best = Some(item);
             }
@@ -593,13 +597,12 @@ impl MemcachedStore {
             Some(_) => return Err(StoreError::Conflict),
         }
         let item_key = self.item_key(key);
-        // The first replica that answers decides, by compare-and-set against what it held
-        // when read: of two racing writers, one wins there and the other gets a conflict.
-        let mut copies = phase.copies.iter();
-        let (decider, decided_cas) = self
-            .decide(operation, &item_key, write, copies.by_ref())
-            .await?;
-        let rest: Vec<&Copy> = copies.collect();
+        let (decider, decided_cas) = self.decide(operation, &item_key, write, &phase).await?;
+        let rest: Vec<&Copy> = phase
+            .copies
+            .iter()
+            .filter(|copy| !Arc::ptr_eq(&copy.node, &decider))
+            .collect();
         let placed = join_all(rest.iter().map(|copy| {
             let known = Some(copy.item.clone());
             self.place(
@@ -645,20 +648,37 @@ impl MemcachedStore {
         Ok(())
     }
 
-    /// Writes `write` on the first of `copies` that answers, compare-and-set against what it
-    /// held when read; returns that replica and the new CAS. A replica that surely did not
-    /// apply the write (refused, or not sent in time) hands the decision to the next one; one
-    /// that may have applied it (sent, not answered) ends the write with its error, since a
-    /// second replica deciding could make two writes of one version.
-    async fn decide<'c>(
+    /// Writes `write` on the first replica that holds the newest copy, compare-and-set against
+    /// what it held when read; returns that replica and the new CAS. (A replica that came back
+    /// empty or stale does not decide until it has been repaired, so a process that counts it
+    /// up decides where one that still counts it down does.) Of two racing writers, one wins
+    /// there and the other gets a conflict. A replica that surely did not apply the write
+    /// (refused, or not sent in time) hands the decision to the next one; one that may have
+    /// applied it (sent, not answered) ends the write with its error, since a second replica
+    /// deciding could make two writes of one version.
+    async fn decide(
         &self,
         operation: &'static str,
         item_key: &str,
         write: &Write,
-        copies: impl Iterator<Item = &'c Copy>,
+        phase: &ReadPhase,
     ) -> Result<(Arc<Node>, u64), StoreError> {
+        let newest = order(phase.winner());
+        let settle = self.retry_interval + self.deadline;
+        let current: Vec<&Copy> = phase
+            .copies
+            .iter()
+            .filter(|copy| order(copy.item.as_ref()) == newest)
+            .collect();
+        // A replica that came back within the settling time decides only if no other can.
+        let settled: Vec<&Copy> = current
+            .iter()
+            .copied()
+            .filter(|copy| !copy.node.settling(settle))
+            .collect();
+        let current = if settled.is_empty() { current } else { settled };
         let mut failure = None;
-        for copy in copies {
+        for copy in current {
             let condition = match &copy.item {
                 None => Condition::Absent,
                 Some(item) => Condition::Cas(item.cas),
@@ -837,14 +857,17 @@ impl MemcachedStore {
         }
         let write = Write::tombstone(operation, self.tombstone_ttl(&phase))?;
         let item_key = self.item_key(key);
-        let mut copies = phase.copies.iter();
-        if version.is_some() {
-            // The first replica decides, as for a save.
-            self.decide(operation, &item_key, &write, copies.by_ref())
-                .await?;
-        }
+        let decider = match version {
+            // A replica decides, as for a save.
+            Some(_) => Some(self.decide(operation, &item_key, &write, &phase).await?.0),
+            None => None,
+        };
         // A tombstone outranks everything, so it is written unconditionally.
-        let writes = copies.map(|copy| {
+        let rest = phase
+            .copies
+            .iter()
+            .filter(|copy| decider.as_ref().is_none_or(|d| !Arc::ptr_eq(&copy.node, d)));
+        let writes = rest.map(|copy| {
             items::set(
                 &copy.node,
                 operation,

@@ -612,3 +612,138 @@ fn a_server_marked_down_under_a_runtime_that_ended_comes_back() {
         }
     });
 }
+
+/// How the counting test breaks servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Kill a server and restart it empty, one after another.
+    KillAndRestart,
+    /// Hang a server (SIGSTOP) and resume it, one after another.
+    HangAndResume,
+}
+
+/// Two processes (two stores, each with its own view of server health) increment counters in
+/// a few sessions as fast as they can while servers fail under them. Returns, per session,
+/// the final count and the acknowledged and unknown (timed out) increments, after checking
+/// that both processes read the same count and that it holds no increment nobody made.
+async fn count_through(fault: Fault) -> Vec<(u64, u64, u64)> {
+    let Some(mut servers) = three_servers() else {
+        return Vec::new();
+    };
+    let first = MemcachedStore::connect(config(&servers)).await.unwrap();
+    let second = MemcachedStore::connect(config(&servers)).await.unwrap();
+    let counter = |n: u64| record(&n.to_string());
+    let count_of = |r: &session_core::Record| -> u64 {
+        String::from_utf8(r.value("tag").unwrap().to_vec())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let keys: Vec<StorageKey> = (0..4).map(|_| new_key()).collect();
+    for key in &keys {
+        first.create(key, &counter(0), TTL).await.unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = JoinSet::new();
+    for task in 0..8usize {
+        let store = if task % 2 == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
+        let (keys, stop) = (keys.clone(), Arc::clone(&stop));
+        tasks.spawn(async move {
+            let (mut acked, mut unknown) = (vec![0u64; keys.len()], vec![0u64; keys.len()]);
+            let mut round = task;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                round += 1;
+                let index = round % keys.len();
+                let Ok(Some(loaded)) = store.load(&keys[index]).await else {
+                    continue;
+                };
+                let next = count_of(&loaded.record) + 1;
+                match store
+                    .save(&keys[index], &counter(next), TTL, loaded.version)
+                    .await
+                {
+                    Ok(_) => acked[index] += 1,
+                    Err(session_core::StoreError::Conflict) => {}
+                    Err(_) => unknown[index] += 1,
+                }
+            }
+            (acked, unknown)
+        });
+    }
+    for round in 0..6 {
+        let victim = round % servers.len();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match fault {
+            Fault::KillAndRestart => servers[victim].kill(),
+            Fault::HangAndResume => servers[victim].pause(),
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        match fault {
+            Fault::KillAndRestart => servers[victim].restart(),
+            Fault::HangAndResume => servers[victim].resume(),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut acked, mut unknown) = (vec![0u64; keys.len()], vec![0u64; keys.len()]);
+    while let Some(joined) = tasks.join_next().await {
+        let (a, u) = joined.unwrap();
+        for i in 0..keys.len() {
+            acked[i] += a[i];
+            unknown[i] += u[i];
+        }
+    }
+    // Let both stores count every server back before reading.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut counts = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let by_first = count_of(&first.load(key).await.unwrap().unwrap().record);
+        let by_second = count_of(&second.load(key).await.unwrap().unwrap().record);
+        println!(
+            "{fault:?}, session {i}: {by_first} counted, {} acknowledged, {} unknown",
+            acked[i], unknown[i]
+        );
+        assert_eq!(by_first, by_second, "the processes read different counts");
+        assert!(
+            by_first <= acked[i] + unknown[i],
+            "session {i}: {by_first} counted, more than {} acknowledged and {} unknown",
+            acked[i],
+            unknown[i]
+        );
+        counts.push((by_first, acked[i], unknown[i]));
+    }
+    counts
+}
+
+/// Servers killed and restarted empty in turn, then hung and resumed in turn, under two
+/// writing processes. A save racing a server's failure or return, from processes that do not
+/// yet agree about that server, can be lost even though it was acknowledged: the crate docs
+/// state this limit, and these tests measure it. They hold the store to what it promises
+/// there: both processes read the same count, no increment appears that nobody made, and at
+/// most one acknowledged increment in a hundred is lost (the runs here lose well under one in
+/// a thousand while a server fails every 0.9 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_counting_through_killed_servers_agree_and_lose_almost_nothing() {
+    check_losses(Fault::KillAndRestart).await;
+}
+
+/// See [`two_processes_counting_through_killed_servers_agree_and_lose_almost_nothing`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_counting_through_hung_servers_agree_and_lose_almost_nothing() {
+    check_losses(Fault::HangAndResume).await;
+}
+
+async fn check_losses(fault: Fault) {
+    for (i, (counted, acked, _)) in count_through(fault).await.into_iter().enumerate() {
+        let lost = acked.saturating_sub(counted);
+        println!("{fault:?}, session {i}: {lost} of {acked} acknowledged increments lost");
+        assert!(
+            lost * 100 <= acked,
+            "session {i}: {counted} counted of {acked} acknowledged"
+        );
+    }
+}
