@@ -39,7 +39,6 @@
 //! ```
 
 use std::borrow::Cow;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -47,7 +46,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, Value};
 use session_core::codec::{DecodeError, FORMAT_MOVED, encode_moved, encode_record_within};
 use session_core::store::check_ttl;
 use session_core::{
@@ -55,23 +54,35 @@ use session_core::{
 };
 
 mod config;
+mod request;
+mod sentinel;
 
 pub use config::{ConfigError, RedisConfig, UrlError};
 /// The client crate, re-exported so applications use the same version.
 pub use redis;
+pub use request::NotReplicated;
+pub use sentinel::NoMaster;
 
-use config::Topology;
+use config::{Topology, WaitForReplicas};
+use request::{Request, check_replicated};
+use sentinel::{Failure, SentinelLink};
 
 /// Bytes of the version stored first in every value.
 const VERSION_LEN: usize = 8;
 /// Bytes of the header: the version, then the expiry stamp.
 const HEADER_LEN: usize = 16;
 
+// Every script starts with `SETRANGE key 0 ''`, a write that changes nothing (no key is
+// created, no byte is written, nothing is replicated), so that on a replica (a demoted master
+// still answering an old connection) the script stops right there with `READONLY` instead of
+// answering "not found" or "conflict" from the replica's copy.
+
 /// ARGV: TTL in ms, new 8-byte expiry stamp, the moved marker's format byte. Returns 1 if a
 /// session was there (and is touched), 0 for a missing key or a moved marker (left alone).
 static TOUCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+redis.call('SETRANGE', KEYS[1], 0, '')
 local kind = redis.call('GETRANGE', KEYS[1], 16, 16)
 if kind == '' or kind == ARGV[3] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
@@ -85,6 +96,7 @@ return 1
 static DELETE_IF_VERSION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+redis.call('SETRANGE', KEYS[1], 0, '')
 local current = redis.call('GETRANGE', KEYS[1], 0, 7)
 if current == '' then return 0 end
 if current ~= ARGV[1] then return 1 end
@@ -105,6 +117,7 @@ fn now_millis() -> u64 {
 static SAVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+redis.call('SETRANGE', KEYS[1], 0, '')
 local current = redis.call('GETRANGE', KEYS[1], 0, 7)
 if current == '' then return 0 end
 if current ~= ARGV[1] then return 1 end
@@ -149,53 +162,74 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// How the store reaches Redis.
+#[derive(Clone)]
+enum Backend {
+    /// A standalone server or a cluster: the client follows reconnects and slot moves itself.
+    Direct(Connection),
+    /// The master Sentinel names, followed through failovers by the store.
+    Sentinel(Arc<SentinelLink>),
+}
+
 /// The Redis session store. Cheap to clone: clones share the connection.
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: Connection,
+    backend: Backend,
     key_prefix: String,
     max_record_size: usize,
     deadline: Duration,
+    wait: Option<WaitForReplicas>,
     versions: Arc<Versions>,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self.connection {
-            Connection::Standalone(_) => "standalone",
-            Connection::Cluster(_) => "cluster",
+        let kind = match self.backend {
+            Backend::Direct(Connection::Standalone(_)) => "standalone",
+            Backend::Direct(Connection::Cluster(_)) => "cluster",
+            Backend::Sentinel(_) => "sentinel",
         };
         f.debug_struct("RedisStore")
             .field("kind", &kind)
             .field("key_prefix", &self.key_prefix)
             .field("max_record_size", &self.max_record_size)
             .field("deadline", &self.deadline)
+            .field("wait", &self.wait)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
     /// Builds the store. A standalone connection is made on first use, so a server that is
-    /// down now fails operations, not construction; a cluster connection reads the slot map
-    /// from a seed node now, so at least one seed must answer.
+    /// down now fails operations, not construction; so is the first question to the sentinels.
+    /// A cluster connection reads the slot map from a seed node now, so at least one seed must
+    /// answer.
     pub async fn connect(config: RedisConfig) -> Result<Self, ConfigError> {
         config.validate()?;
-        let connection = match &config.topology {
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.request_timeout()))
+            .set_number_of_retries(1);
+        let backend = match &config.topology {
             Topology::Standalone(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(ConfigError::Client)?;
-                let manager_config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(config.connect_timeout))
-                    .set_response_timeout(Some(config.response_timeout))
-                    .set_number_of_retries(1);
                 let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
                     .map_err(ConfigError::Client)?;
-                Connection::Standalone(manager)
+                Backend::Direct(Connection::Standalone(manager))
+            }
+            Topology::Sentinel(topology) => {
+                // A sentinel is asked, then the master it names is asked its role: two
+                // connections and two requests.
+                let lookup_timeout = 2 * (config.connect_timeout + config.response_timeout);
+                let link = SentinelLink::new(topology, manager_config, lookup_timeout)
+                    .map_err(ConfigError::Client)?;
+                Backend::Sentinel(Arc::new(link))
             }
             Topology::Cluster(seeds) => {
                 let client =
                     redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
                         .connection_timeout(config.connect_timeout)
-                        .response_timeout(config.response_timeout)
+                        .response_timeout(config.request_timeout())
                         // By default a whole request, redirects and reconnects included, must
                         // fit in one response timeout; allow the store's full deadline.
                         .overall_response_timeout(Some(config.operation_deadline()))
@@ -213,11 +247,12 @@ impl RedisStore {
                     )))
                 })?
                 .map_err(ConfigError::Client)?;
-                Connection::Cluster(connection)
+                Backend::Direct(Connection::Cluster(connection))
             }
         };
         Ok(Self {
-            connection,
+            backend,
+            wait: config.wait,
             versions: Arc::new(Versions::new()?),
             key_prefix: config.key_prefix.clone(),
             max_record_size: config.max_record_size,
@@ -232,12 +267,9 @@ impl RedisStore {
 
     /// Reads and decodes the entry under `key`: the one body of `load_entry` and `load`.
     async fn read_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
-        let mut connection = self.connection.clone();
         let mut command = redis::cmd("GET");
         command.arg(self.redis_key(key).as_ref());
-        let value: Option<Vec<u8>> = self
-            .run("load", command.query_async(&mut connection))
-            .await?;
+        let (value, _): (Option<Vec<u8>>, _) = self.send("load", Request::read(command)).await?;
         let Some(value) = value else {
             return Ok(None);
         };
@@ -263,27 +295,72 @@ impl RedisStore {
         key.prefixed(&self.key_prefix)
     }
 
-    /// Runs one request and maps its failure. The client bounds every request itself (the
-    /// response timeout, the connection timeout for a reconnect, and for a cluster the overall
-    /// response timeout across redirects and retries), so no timer of our own is armed on this
-    /// hot path; the fault tests check the bound.
-    async fn run<T>(
+    /// Sends one request and maps its failure; returns the reply, converted, and for a write
+    /// followed by `WAIT` the replicas' count, to check with [`Self::replicated`] once the
+    /// reply shows that the operation wrote.
+    ///
+    /// Standalone and cluster: the client bounds every request itself (the response timeout,
+    /// the connection timeout for a reconnect, and for a cluster the overall response timeout
+    /// across redirects and retries), so no timer of our own is armed on this hot path; the
+    /// fault tests check the bound. Sentinel: the link may ask the sentinels and resend, so it
+    /// keeps the operation within its deadline itself.
+    async fn send<T: FromRedisValue>(
         &self,
         operation: &'static str,
-        request: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        request.await.map_err(|error| {
-            if error.is_timeout() {
-                StoreError::Timeout {
-                    operation,
-                    after: self.deadline,
-                }
-            } else {
-                StoreError::Backend {
-                    operation,
-                    source: Box::new(error),
-                }
+        request: Request<'_>,
+    ) -> Result<(T, Option<i64>), StoreError> {
+        let reply = match &self.backend {
+            Backend::Direct(connection) => {
+                let outcome = request.send(&mut connection.clone()).await;
+                outcome.map_err(|error| self.redis_error(operation, error))?
             }
+            Backend::Sentinel(link) => {
+                let deadline = tokio::time::Instant::now() + self.deadline;
+                link.send(&request, deadline)
+                    .await
+                    .map_err(|failure| match failure {
+                        Failure::Redis(error) => self.redis_error(operation, error),
+                        Failure::Deadline => StoreError::Timeout {
+                            operation,
+                            after: self.deadline,
+                        },
+                        Failure::NoMaster(error) => StoreError::Backend {
+                            operation,
+                            source: Box::new(error),
+                        },
+                    })?
+            }
+        };
+        let value = redis::from_redis_value(reply.value).map_err(|error| StoreError::Backend {
+            operation,
+            source: Box::new(RedisError::from(error)),
+        })?;
+        Ok((value, reply.acknowledged))
+    }
+
+    fn redis_error(&self, operation: &'static str, error: RedisError) -> StoreError {
+        if error.is_timeout() {
+            StoreError::Timeout {
+                operation,
+                after: self.deadline,
+            }
+        } else {
+            StoreError::Backend {
+                operation,
+                source: Box::new(error),
+            }
+        }
+    }
+
+    /// Checks the replicas' acknowledgement of a write that was applied.
+    fn replicated(
+        &self,
+        operation: &'static str,
+        acknowledged: Option<i64>,
+    ) -> Result<(), StoreError> {
+        check_replicated(self.wait, acknowledged).map_err(|error| StoreError::Backend {
+            operation,
+            source: Box::new(error),
         })
     }
 
@@ -316,17 +393,20 @@ impl RedisStore {
         value: Vec<u8>,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
         let redis_key = self.redis_key(key);
-        let mut invocation = SAVE.key(redis_key.as_ref());
-        invocation
-            .arg(&version.get().to_be_bytes()[..])
-            .arg(value)
-            .arg(millis(ttl));
-        let outcome: i64 = self
-            .run(operation, invocation.invoke_async(&mut connection))
-            .await?;
-        conditional_outcome(operation, outcome)
+        let version = version.get().to_be_bytes();
+        let ttl = millis(ttl).to_string();
+        // Not idempotent: run twice, the second run would find the first one's version.
+        let request = Request::script(
+            &SAVE,
+            &redis_key,
+            &[&version, &value, ttl.as_bytes()],
+            self.wait,
+            false,
+        );
+        let (outcome, acknowledged) = self.send(operation, request).await?;
+        conditional_outcome(operation, outcome)?;
+        self.replicated(operation, acknowledged)
     }
 }
 
@@ -368,7 +448,7 @@ fn conditional_outcome(operation: &'static str, outcome: i64) -> Result<(), Stor
 }
 
 /// Milliseconds, rounded up so a sub-millisecond remainder never shortens a TTL.
-fn millis(ttl: Duration) -> u64 {
+pub(crate) fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
@@ -382,7 +462,6 @@ impl SessionStore for RedisStore {
     ) -> Result<Version, StoreError> {
         check_ttl(ttl)?;
         let (version, value) = self.versioned_value(record, ttl)?;
-        let mut connection = self.connection.clone();
         let mut command = redis::cmd("SET");
         command
             .arg(self.redis_key(key).as_ref())
@@ -390,11 +469,14 @@ impl SessionStore for RedisStore {
             .arg("NX")
             .arg("PX")
             .arg(millis(ttl));
-        let reply: Option<String> = self
-            .run("create", command.query_async(&mut connection))
-            .await?;
+        // Not idempotent: sent again after it was applied, it would report `AlreadyExists`.
+        let request = Request::write(command, self.wait, false);
+        let (reply, acknowledged): (Option<String>, _) = self.send("create", request).await?;
         match reply {
-            Some(_) => Ok(Version::new(version)),
+            Some(_) => {
+                self.replicated("create", acknowledged)?;
+                Ok(Version::new(version))
+            }
             None => Err(StoreError::AlreadyExists),
         }
     }
@@ -440,28 +522,33 @@ impl SessionStore for RedisStore {
 
     async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
         check_ttl(ttl)?;
-        let mut connection = self.connection.clone();
         let redis_key = self.redis_key(key);
-        let expires_at = now_millis().saturating_add(millis(ttl));
-        let mut invocation = TOUCH.key(redis_key.as_ref());
-        invocation
-            .arg(millis(ttl))
-            .arg(&expires_at.to_be_bytes()[..])
-            .arg(&[FORMAT_MOVED][..]);
-        let touched: i64 = self
-            .run("touch", invocation.invoke_async(&mut connection))
-            .await?;
+        let expires_at = now_millis().saturating_add(millis(ttl)).to_be_bytes();
+        let ttl = millis(ttl).to_string();
+        // Idempotent: a second run sets the same expiry again (a few milliseconds later).
+        let request = Request::script(
+            &TOUCH,
+            &redis_key,
+            &[ttl.as_bytes(), &expires_at, &[FORMAT_MOVED]],
+            self.wait,
+            true,
+        );
+        let (touched, acknowledged): (i64, _) = self.send("touch", request).await?;
+        if touched == 1 {
+            self.replicated("touch", acknowledged)?;
+        }
         Ok(touched == 1)
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
         let mut command = redis::cmd("DEL");
         command.arg(self.redis_key(key).as_ref());
-        let _: i64 = self
-            .run("delete", command.query_async(&mut connection))
-            .await?;
-        Ok(())
+        // Idempotent: deleting a deleted entry is fine (and nothing recreates a deleted id).
+        let request = Request::write(command, self.wait, true);
+        let (_, acknowledged): (i64, _) = self.send("delete", request).await?;
+        // Checked even when nothing was deleted: the entry may have been deleted by a request
+        // whose own wait fell short, and this logout must not be undone by a failover.
+        self.replicated("delete", acknowledged)
     }
 
     async fn delete_if_version(
@@ -469,17 +556,19 @@ impl SessionStore for RedisStore {
         key: &StorageKey,
         version: Version,
     ) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
         let redis_key = self.redis_key(key);
-        let mut invocation = DELETE_IF_VERSION.key(redis_key.as_ref());
-        invocation.arg(&version.get().to_be_bytes()[..]);
-        let outcome: i64 = self
-            .run(
-                "delete_if_version",
-                invocation.invoke_async(&mut connection),
-            )
-            .await?;
-        conditional_outcome("delete_if_version", outcome)
+        let version = version.get().to_be_bytes();
+        // Not idempotent: run twice, the second run would report `NotFound`.
+        let request = Request::script(
+            &DELETE_IF_VERSION,
+            &redis_key,
+            &[&version],
+            self.wait,
+            false,
+        );
+        let (outcome, acknowledged) = self.send("delete_if_version", request).await?;
+        conditional_outcome("delete_if_version", outcome)?;
+        self.replicated("delete_if_version", acknowledged)
     }
 
     fn max_record_size(&self) -> usize {
