@@ -1,4 +1,5 @@
-//! [`RedisStore`]: sessions in standalone Redis or a Redis Cluster.
+//! [`RedisStore`]: sessions in standalone Redis, a Redis Cluster, or a master found through Redis
+//! Sentinel.
 //!
 //! Every operation is one atomic server-side step, with millisecond expiry:
 //!
@@ -18,7 +19,10 @@
 //! its versions at a random 64-bit number and counts up, so a version taken before a delete
 //! does not match an entry created after it (another process's versions could only meet ours
 //! if their counted ranges overlapped, a chance of about writes² / 2⁶⁴). Scripts run by SHA
-//! (`EVALSHA`) and are loaded on a server that does not have them yet.
+//! (`EVALSHA`) and are loaded on a server that does not have them yet. Each script starts with
+//! a write that changes nothing (`SETRANGE key 0 ""`), so that a replica refuses it with
+//! `READONLY` before it reads anything, instead of answering "not found" or "conflict" from
+//! its copy.
 //!
 //! Standalone connections go through the redis crate's `ConnectionManager`, which reconnects by
 //! itself; a cluster goes through its async cluster connection, which follows slot moves.
@@ -33,10 +37,96 @@
 //!
 //! let store = RedisStore::from_url("redis://127.0.0.1:6379/0?timeout_ms=250").await?;
 //! // or a cluster: RedisStore::from_url("redis+cluster://10.0.0.1:7000,10.0.0.2:7000").await?
+//! // or Sentinel, waiting for one replica on every write:
+//! // RedisStore::from_url(
+//! //     "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/sessions\
+//! //      ?wait_replicas=1&wait_timeout_ms=500",
+//! // ).await?
 //! let keys = KeyRing::single(SigningKey::new(std::env::var("SESSION_SECRET")?)?);
 //! let manager = SessionManager::new(Arc::new(store), SessionConfig::new(keys))?;
 //! # Ok(()) }
 //! ```
+//!
+//! # High availability
+//!
+//! ## Replication is asynchronous unless you wait for it
+//!
+//! A Redis master acknowledges a write before any replica has it. When the master dies, the
+//! replica that takes over lacks whatever had not reached it yet: **without
+//! [`RedisConfig::wait_for_replicas`], a failover can lose the last acknowledged writes** — a
+//! save (the user's latest change), a logout (the session comes back), an id cycle after a
+//! login (the old id, which should be dead, lives again). On a healthy network the window is a
+//! few milliseconds of writes; it is not zero.
+//!
+//! ## Wait for replicas
+//!
+//! [`RedisConfig::wait_for_replicas`]`(n, timeout)` (URL: `wait_replicas=n&wait_timeout_ms=t`)
+//! sends `WAIT n t` after every write — create, save, mark_moved, touch, delete,
+//! delete_if_version — pipelined with it on the same connection, so it costs no extra round
+//! trip from the client; the cost is the replication round trip the master waits for (about
+//! one network round trip between master and replica per write, plus the replica's processing).
+//! In a cluster the pipeline is routed by the write's key, so the `WAIT` runs on the master
+//! that owns the key. If fewer than `n` replicas acknowledge within `t`, the operation returns
+//! [`StoreError::Backend`] whose source is a [`NotReplicated`]. Writes that wrote nothing
+//! (`AlreadyExists`, `Conflict`, `NotFound`, a touch of a missing session) return their own
+//! outcome; a delete checks the count even when the entry was already gone.
+//!
+//! What this guarantees: a write the store acknowledged is on at least `n` replicas. A failover
+//! promotes the replica with the most replicated data (Sentinel and Cluster both prefer the
+//! replica with the highest replication offset), so with `n` equal to the number of replicas — e.g. one master and one
+//! replica with `n = 1` — the promoted replica has every acknowledged write: no acknowledged
+//! save is lost and no acknowledged logout undone. The failover tests kill a master under a
+//! running writer and check exactly that.
+//!
+//! What it does not: `WAIT` does not make Redis strongly consistent. A write that timed out
+//! waiting (`NotReplicated`) is on the master and may reach the replicas later: it may or may
+//! not survive a failover, so treat its outcome as unknown. With more replicas than `n`, the
+//! sentinels may promote a replica that missed the write (Sentinel prefers the most up-to-date
+//! replica it can reach, but one that is cut off cannot be compared). A master cut off from its
+//! replicas and sentinels, but not from the application, keeps accepting writes until it is
+//! demoted; with the option those writes fail with `NotReplicated` instead of being silently
+//! lost (Redis's `min-replicas-to-write` makes the master refuse them outright). And when no
+//! replica is left (after a failover, before the old master returns as a replica), every write
+//! fails with `NotReplicated` — the price of not acknowledging what could be lost.
+//!
+//! Each request's response timeout grows by the wait's timeout (the write and its `WAIT` are
+//! one request), and so does [`RedisConfig::operation_deadline`].
+//!
+//! ## Sentinel
+//!
+//! [`RedisConfig::sentinel`] / `redis+sentinel://host:port,host:port/master-name[/db]` names the
+//! sentinels and the master's name. The store asks the sentinels for the master when it first
+//! needs it, and asks again whenever an operation fails in a way that may mean the master moved:
+//! a connection error or timeout, or a `READONLY` reply (a demoted master refusing a write).
+//! Re-resolutions run one at a time in the background, at most one every 100 ms, and ask all
+//! sentinels at once; the first that names a master confirming its role with `ROLE` wins, so a
+//! dead or hung sentinel does not delay it. The connection is replaced only when the address
+//! changes.
+//!
+//! The operation that failed is sent again, on the new master, only when that is safe: when the
+//! error proves it changed nothing (`READONLY`, or a refused connection: never sent), or when
+//! it is idempotent (load, touch, delete). A create, save, mark_moved or delete_if_version whose
+//! connection broke after it was sent may have been applied; sending it again could report a
+//! conflict for its own write, so it returns its error instead. All of it stays within
+//! [`RedisConfig::operation_deadline`]. During a failover (about the sentinels'
+//! `down-after-milliseconds` plus election and promotion: 3 to 4 seconds in the tests, with one
+//! second) operations fail with typed errors, and the same store serves again afterwards.
+//!
+//! Loads go to the master too (no reads from replicas). The sentinels are asked without
+//! credentials from a URL; give [`RedisConfig::sentinel`] sentinel URLs with credentials when
+//! they need them. Sentinel has no TLS here.
+//!
+//! ## Cluster with replicas
+//!
+//! A cluster's masters may each have replicas (`redis-cli --cluster create ...
+//! --cluster-replicas 1`). When a master dies, the cluster promotes its replica after
+//! `cluster-node-timeout` and the redis crate's cluster connection finds the new owner of the
+//! slots; sessions on the other masters are served throughout. The same replication caveat
+//! applies per master, and the same option closes it: `WAIT` runs on the master that owns the
+//! key. The cluster connection resends a request once after a broken connection itself (as it
+//! does for redirects), so in a cluster a save whose connection broke after it was applied can
+//! come back as a conflict: the manager then replays this request's changes onto its own write,
+//! harmless for inserted values, but an update closure runs a second time.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
