@@ -40,26 +40,28 @@ mod sentinel {
 
     session_conformance::conformance_suite!(async {
         let topology = RedisSentinel::start()?;
-        let config = sentinel_config(&topology).wait_for_replicas(1, WAIT);
+        // Default timeouts, as in the other suites.
+        let config = RedisConfig::sentinel(topology.sentinel_urls(), RedisSentinel::MASTER_NAME)
+            .wait_for_replicas(1, WAIT);
         let store = RedisStore::connect(config).await.unwrap();
         Some((store, topology))
     });
 }
 
-/// Without the wait option: with it, 32 requests committing to one session at once on two
-/// busy cores (two six-node clusters at a time) can exhaust the manager's 64 conflict replays
-/// (`manager_concurrent_commits_lose_no_update`, about one run in three), as every save holds
-/// its version a replication round trip longer. The option's routing in a cluster is checked
-/// by `cluster_failover_loses_no_acknowledged_session`, its effect by the Sentinel suite.
+/// With the default timeouts (like the three-master suite), and without the wait option: the
+/// suite's 32 requests committing to one session at once, on two busy cores running two
+/// six-node clusters, then take long enough per save to exhaust the manager's 64 conflict
+/// replays now and then (`manager_concurrent_commits_lose_no_update`), with or without the
+/// option. The option's routing in a cluster is checked by
+/// `cluster_failover_loses_no_acknowledged_session`, the option itself by the Sentinel suite.
 mod cluster_with_replicas {
     use super::*;
 
     session_conformance::conformance_suite!(async {
         let cluster = RedisCluster::start_with_replicas()?;
-        let config = RedisConfig::cluster(cluster.seed_urls())
-            .connect_timeout(Duration::from_millis(300))
-            .response_timeout(Duration::from_millis(500));
-        let store = RedisStore::connect(config).await.unwrap();
+        let store = RedisStore::connect(RedisConfig::cluster(cluster.seed_urls()))
+            .await
+            .unwrap();
         Some((store, cluster))
     });
 }
