@@ -1,4 +1,5 @@
-//! [`RedisStore`]: sessions in standalone Redis or a Redis Cluster.
+//! [`RedisStore`]: sessions in standalone Redis, a Redis Cluster, or a master found through Redis
+//! Sentinel.
 //!
 //! Every operation is one atomic server-side step, with millisecond expiry:
 //!
@@ -18,7 +19,10 @@
 //! its versions at a random 64-bit number and counts up, so a version taken before a delete
 //! does not match an entry created after it (another process's versions could only meet ours
 //! if their counted ranges overlapped, a chance of about writes² / 2⁶⁴). Scripts run by SHA
-//! (`EVALSHA`) and are loaded on a server that does not have them yet.
+//! (`EVALSHA`) and are loaded on a server that does not have them yet. Each script starts with
+//! a write that changes nothing (`SETRANGE key 0 ""`), so that a replica refuses it with
+//! `READONLY` before it reads anything, instead of answering "not found" or "conflict" from
+//! its copy.
 //!
 //! Standalone connections go through the redis crate's `ConnectionManager`, which reconnects by
 //! itself; a cluster goes through its async cluster connection, which follows slot moves.
@@ -33,13 +37,98 @@
 //!
 //! let store = RedisStore::from_url("redis://127.0.0.1:6379/0?timeout_ms=250").await?;
 //! // or a cluster: RedisStore::from_url("redis+cluster://10.0.0.1:7000,10.0.0.2:7000").await?
+//! // or Sentinel, waiting for one replica on every write:
+//! // RedisStore::from_url(
+//! //     "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/sessions\
+//! //      ?wait_replicas=1&wait_timeout_ms=500",
+//! // ).await?
 //! let keys = KeyRing::single(SigningKey::new(std::env::var("SESSION_SECRET")?)?);
 //! let manager = SessionManager::new(Arc::new(store), SessionConfig::new(keys))?;
 //! # Ok(()) }
 //! ```
+//!
+//! # High availability
+//!
+//! ## Replication is asynchronous unless you wait for it
+//!
+//! A Redis master acknowledges a write before any replica has it. When the master dies, the
+//! replica that takes over lacks whatever had not reached it yet: **without
+//! [`RedisConfig::wait_for_replicas`], a failover can lose the last acknowledged writes** — a
+//! save (the user's latest change), a logout (the session comes back), an id cycle after a
+//! login (the old id, which should be dead, lives again). On a healthy network the window is a
+//! few milliseconds of writes; it is not zero.
+//!
+//! ## Wait for replicas
+//!
+//! [`RedisConfig::wait_for_replicas`]`(n, timeout)` (URL: `wait_replicas=n&wait_timeout_ms=t`)
+//! sends `WAIT n t` after every write — create, save, mark_moved, touch, delete,
+//! delete_if_version — pipelined with it on the same connection, so it costs no extra round
+//! trip from the client; the cost is the replication round trip the master waits for (about
+//! one network round trip between master and replica per write, plus the replica's processing).
+//! In a cluster the pipeline is routed by the write's key, so the `WAIT` runs on the master
+//! that owns the key. If fewer than `n` replicas acknowledge within `t`, the operation returns
+//! [`StoreError::Backend`] whose source is a [`NotReplicated`]. Writes that wrote nothing
+//! (`AlreadyExists`, `Conflict`, `NotFound`, a touch of a missing session) return their own
+//! outcome; a delete checks the count even when the entry was already gone.
+//!
+//! What this guarantees: a write the store acknowledged is on at least `n` replicas. A failover
+//! promotes the replica with the most replicated data (Sentinel and Cluster both prefer the
+//! replica with the highest replication offset), so with `n` equal to the number of replicas — e.g. one master and one
+//! replica with `n = 1` — the promoted replica has every acknowledged write: no acknowledged
+//! save is lost and no acknowledged logout undone. The failover tests kill a master under a
+//! running writer and check exactly that.
+//!
+//! What it does not: `WAIT` does not make Redis strongly consistent. A write that timed out
+//! waiting (`NotReplicated`) is on the master and may reach the replicas later: it may or may
+//! not survive a failover, so treat its outcome as unknown. With more replicas than `n`, the
+//! sentinels may promote a replica that missed the write (Sentinel prefers the most up-to-date
+//! replica it can reach, but one that is cut off cannot be compared). A master cut off from its
+//! replicas and sentinels, but not from the application, keeps accepting writes until it is
+//! demoted; with the option those writes fail with `NotReplicated` instead of being silently
+//! lost (Redis's `min-replicas-to-write` makes the master refuse them outright). And when no
+//! replica is left (after a failover, before the old master returns as a replica), every write
+//! fails with `NotReplicated` — the price of not acknowledging what could be lost.
+//!
+//! Each request's response timeout grows by the wait's timeout (the write and its `WAIT` are
+//! one request), and so does [`RedisConfig::operation_deadline`].
+//!
+//! ## Sentinel
+//!
+//! [`RedisConfig::sentinel`] / `redis+sentinel://host:port,host:port/master-name[/db]` names the
+//! sentinels and the master's name. The store asks the sentinels for the master when it first
+//! needs it, and asks again whenever an operation fails in a way that may mean the master moved:
+//! a connection error or timeout, or a `READONLY` reply (a demoted master refusing a write).
+//! Re-resolutions run one at a time in the background, at most one every 100 ms, and ask all
+//! sentinels at once; the first that names a master confirming its role with `ROLE` wins, so a
+//! dead or hung sentinel does not delay it. The connection is replaced only when the address
+//! changes.
+//!
+//! The operation that failed is sent again, on the new master, only when that is safe: when the
+//! error proves it changed nothing (`READONLY`, or a refused connection: never sent), or when
+//! it is idempotent (load, touch, delete). A create, save, mark_moved or delete_if_version whose
+//! connection broke after it was sent may have been applied; sending it again could report a
+//! conflict for its own write, so it returns its error instead. All of it stays within
+//! [`RedisConfig::operation_deadline`]. During a failover (about the sentinels'
+//! `down-after-milliseconds` plus election and promotion: 3 to 4 seconds in the tests, with one
+//! second) operations fail with typed errors, and the same store serves again afterwards.
+//!
+//! Loads go to the master too (no reads from replicas). The sentinels are asked without
+//! credentials from a URL; give [`RedisConfig::sentinel`] sentinel URLs with credentials when
+//! they need them. Sentinel has no TLS here.
+//!
+//! ## Cluster with replicas
+//!
+//! A cluster's masters may each have replicas (`redis-cli --cluster create ...
+//! --cluster-replicas 1`). When a master dies, the cluster promotes its replica after
+//! `cluster-node-timeout` and the redis crate's cluster connection finds the new owner of the
+//! slots; sessions on the other masters are served throughout. The same replication caveat
+//! applies per master, and the same option closes it: `WAIT` runs on the master that owns the
+//! key. The cluster connection resends a request once after a broken connection itself (as it
+//! does for redirects), so in a cluster a save whose connection broke after it was applied can
+//! come back as a conflict: the manager then replays this request's changes onto its own write,
+//! harmless for inserted values, but an update closure runs a second time.
 
 use std::borrow::Cow;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -47,7 +136,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, Value};
 use session_core::codec::{DecodeError, FORMAT_MOVED, encode_moved, encode_record_within};
 use session_core::store::check_ttl;
 use session_core::{
@@ -55,23 +144,35 @@ use session_core::{
 };
 
 mod config;
+mod request;
+mod sentinel;
 
 pub use config::{ConfigError, RedisConfig, UrlError};
 /// The client crate, re-exported so applications use the same version.
 pub use redis;
+pub use request::NotReplicated;
+pub use sentinel::NoMaster;
 
-use config::Topology;
+use config::{Topology, WaitForReplicas};
+use request::{Request, check_replicated};
+use sentinel::{Failure, SentinelLink};
 
 /// Bytes of the version stored first in every value.
 const VERSION_LEN: usize = 8;
 /// Bytes of the header: the version, then the expiry stamp.
 const HEADER_LEN: usize = 16;
 
+// Every script starts with `SETRANGE key 0 ''`, a write that changes nothing (no key is
+// created, no byte is written, nothing is replicated), so that on a replica (a demoted master
+// still answering an old connection) the script stops right there with `READONLY` instead of
+// answering "not found" or "conflict" from the replica's copy.
+
 /// ARGV: TTL in ms, new 8-byte expiry stamp, the moved marker's format byte. Returns 1 if a
 /// session was there (and is touched), 0 for a missing key or a moved marker (left alone).
 static TOUCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+redis.call('SETRANGE', KEYS[1], 0, '')
 local kind = redis.call('GETRANGE', KEYS[1], 16, 16)
 if kind == '' or kind == ARGV[3] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
@@ -85,6 +186,7 @@ return 1
 static DELETE_IF_VERSION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+redis.call('SETRANGE', KEYS[1], 0, '')
 local current = redis.call('GETRANGE', KEYS[1], 0, 7)
 if current == '' then return 0 end
 if current ~= ARGV[1] then return 1 end
@@ -105,6 +207,7 @@ fn now_millis() -> u64 {
 static SAVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+redis.call('SETRANGE', KEYS[1], 0, '')
 local current = redis.call('GETRANGE', KEYS[1], 0, 7)
 if current == '' then return 0 end
 if current ~= ARGV[1] then return 1 end
@@ -149,53 +252,74 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// How the store reaches Redis.
+#[derive(Clone)]
+enum Backend {
+    /// A standalone server or a cluster: the client follows reconnects and slot moves itself.
+    Direct(Connection),
+    /// The master Sentinel names, followed through failovers by the store.
+    Sentinel(Arc<SentinelLink>),
+}
+
 /// The Redis session store. Cheap to clone: clones share the connection.
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: Connection,
+    backend: Backend,
     key_prefix: String,
     max_record_size: usize,
     deadline: Duration,
+    wait: Option<WaitForReplicas>,
     versions: Arc<Versions>,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self.connection {
-            Connection::Standalone(_) => "standalone",
-            Connection::Cluster(_) => "cluster",
+        let kind = match self.backend {
+            Backend::Direct(Connection::Standalone(_)) => "standalone",
+            Backend::Direct(Connection::Cluster(_)) => "cluster",
+            Backend::Sentinel(_) => "sentinel",
         };
         f.debug_struct("RedisStore")
             .field("kind", &kind)
             .field("key_prefix", &self.key_prefix)
             .field("max_record_size", &self.max_record_size)
             .field("deadline", &self.deadline)
+            .field("wait", &self.wait)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
     /// Builds the store. A standalone connection is made on first use, so a server that is
-    /// down now fails operations, not construction; a cluster connection reads the slot map
-    /// from a seed node now, so at least one seed must answer.
+    /// down now fails operations, not construction; so is the first question to the sentinels.
+    /// A cluster connection reads the slot map from a seed node now, so at least one seed must
+    /// answer.
     pub async fn connect(config: RedisConfig) -> Result<Self, ConfigError> {
         config.validate()?;
-        let connection = match &config.topology {
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.request_timeout()))
+            .set_number_of_retries(1);
+        let backend = match &config.topology {
             Topology::Standalone(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(ConfigError::Client)?;
-                let manager_config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(config.connect_timeout))
-                    .set_response_timeout(Some(config.response_timeout))
-                    .set_number_of_retries(1);
                 let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
                     .map_err(ConfigError::Client)?;
-                Connection::Standalone(manager)
+                Backend::Direct(Connection::Standalone(manager))
+            }
+            Topology::Sentinel(topology) => {
+                // A sentinel is asked, then the master it names is asked its role: two
+                // connections and two requests.
+                let lookup_timeout = 2 * (config.connect_timeout + config.response_timeout);
+                let link = SentinelLink::new(topology, manager_config, lookup_timeout)
+                    .map_err(ConfigError::Client)?;
+                Backend::Sentinel(Arc::new(link))
             }
             Topology::Cluster(seeds) => {
                 let client =
                     redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
                         .connection_timeout(config.connect_timeout)
-                        .response_timeout(config.response_timeout)
+                        .response_timeout(config.request_timeout())
                         // By default a whole request, redirects and reconnects included, must
                         // fit in one response timeout; allow the store's full deadline.
                         .overall_response_timeout(Some(config.operation_deadline()))
@@ -213,11 +337,12 @@ impl RedisStore {
                     )))
                 })?
                 .map_err(ConfigError::Client)?;
-                Connection::Cluster(connection)
+                Backend::Direct(Connection::Cluster(connection))
             }
         };
         Ok(Self {
-            connection,
+            backend,
+            wait: config.wait,
             versions: Arc::new(Versions::new()?),
             key_prefix: config.key_prefix.clone(),
             max_record_size: config.max_record_size,
@@ -232,12 +357,9 @@ impl RedisStore {
 
     /// Reads and decodes the entry under `key`: the one body of `load_entry` and `load`.
     async fn read_entry(&self, key: &StorageKey) -> Result<Option<StoredEntry>, StoreError> {
-        let mut connection = self.connection.clone();
         let mut command = redis::cmd("GET");
         command.arg(self.redis_key(key).as_ref());
-        let value: Option<Vec<u8>> = self
-            .run("load", command.query_async(&mut connection))
-            .await?;
+        let (value, _): (Option<Vec<u8>>, _) = self.send("load", Request::read(command)).await?;
         let Some(value) = value else {
             return Ok(None);
         };
@@ -263,27 +385,72 @@ impl RedisStore {
         key.prefixed(&self.key_prefix)
     }
 
-    /// Runs one request and maps its failure. The client bounds every request itself (the
-    /// response timeout, the connection timeout for a reconnect, and for a cluster the overall
-    /// response timeout across redirects and retries), so no timer of our own is armed on this
-    /// hot path; the fault tests check the bound.
-    async fn run<T>(
+    /// Sends one request and maps its failure; returns the reply, converted, and for a write
+    /// followed by `WAIT` the replicas' count, to check with [`Self::replicated`] once the
+    /// reply shows that the operation wrote.
+    ///
+    /// Standalone and cluster: the client bounds every request itself (the response timeout,
+    /// the connection timeout for a reconnect, and for a cluster the overall response timeout
+    /// across redirects and retries), so no timer of our own is armed on this hot path; the
+    /// fault tests check the bound. Sentinel: the link may ask the sentinels and resend, so it
+    /// keeps the operation within its deadline itself.
+    async fn send<T: FromRedisValue>(
         &self,
         operation: &'static str,
-        request: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        request.await.map_err(|error| {
-            if error.is_timeout() {
-                StoreError::Timeout {
-                    operation,
-                    after: self.deadline,
-                }
-            } else {
-                StoreError::Backend {
-                    operation,
-                    source: Box::new(error),
-                }
+        request: Request<'_>,
+    ) -> Result<(T, Option<i64>), StoreError> {
+        let reply = match &self.backend {
+            Backend::Direct(connection) => {
+                let outcome = request.send(&mut connection.clone()).await;
+                outcome.map_err(|error| self.redis_error(operation, error))?
             }
+            Backend::Sentinel(link) => {
+                let deadline = tokio::time::Instant::now() + self.deadline;
+                link.send(&request, deadline)
+                    .await
+                    .map_err(|failure| match failure {
+                        Failure::Redis(error) => self.redis_error(operation, error),
+                        Failure::Deadline => StoreError::Timeout {
+                            operation,
+                            after: self.deadline,
+                        },
+                        Failure::NoMaster(error) => StoreError::Backend {
+                            operation,
+                            source: Box::new(error),
+                        },
+                    })?
+            }
+        };
+        let value = redis::from_redis_value(reply.value).map_err(|error| StoreError::Backend {
+            operation,
+            source: Box::new(RedisError::from(error)),
+        })?;
+        Ok((value, reply.acknowledged))
+    }
+
+    fn redis_error(&self, operation: &'static str, error: RedisError) -> StoreError {
+        if error.is_timeout() {
+            StoreError::Timeout {
+                operation,
+                after: self.deadline,
+            }
+        } else {
+            StoreError::Backend {
+                operation,
+                source: Box::new(error),
+            }
+        }
+    }
+
+    /// Checks the replicas' acknowledgement of a write that was applied.
+    fn replicated(
+        &self,
+        operation: &'static str,
+        acknowledged: Option<i64>,
+    ) -> Result<(), StoreError> {
+        check_replicated(self.wait, acknowledged).map_err(|error| StoreError::Backend {
+            operation,
+            source: Box::new(error),
         })
     }
 
@@ -316,17 +483,20 @@ impl RedisStore {
         value: Vec<u8>,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
         let redis_key = self.redis_key(key);
-        let mut invocation = SAVE.key(redis_key.as_ref());
-        invocation
-            .arg(&version.get().to_be_bytes()[..])
-            .arg(value)
-            .arg(millis(ttl));
-        let outcome: i64 = self
-            .run(operation, invocation.invoke_async(&mut connection))
-            .await?;
-        conditional_outcome(operation, outcome)
+        let version = version.get().to_be_bytes();
+        let ttl = millis(ttl).to_string();
+        // Not idempotent: run twice, the second run would find the first one's version.
+        let request = Request::script(
+            &SAVE,
+            &redis_key,
+            &[&version, &value, ttl.as_bytes()],
+            self.wait,
+            false,
+        );
+        let (outcome, acknowledged) = self.send(operation, request).await?;
+        conditional_outcome(operation, outcome)?;
+        self.replicated(operation, acknowledged)
     }
 }
 
@@ -368,7 +538,7 @@ fn conditional_outcome(operation: &'static str, outcome: i64) -> Result<(), Stor
 }
 
 /// Milliseconds, rounded up so a sub-millisecond remainder never shortens a TTL.
-fn millis(ttl: Duration) -> u64 {
+pub(crate) fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
@@ -382,7 +552,6 @@ impl SessionStore for RedisStore {
     ) -> Result<Version, StoreError> {
         check_ttl(ttl)?;
         let (version, value) = self.versioned_value(record, ttl)?;
-        let mut connection = self.connection.clone();
         let mut command = redis::cmd("SET");
         command
             .arg(self.redis_key(key).as_ref())
@@ -390,11 +559,14 @@ impl SessionStore for RedisStore {
             .arg("NX")
             .arg("PX")
             .arg(millis(ttl));
-        let reply: Option<String> = self
-            .run("create", command.query_async(&mut connection))
-            .await?;
+        // Not idempotent: sent again after it was applied, it would report `AlreadyExists`.
+        let request = Request::write(command, self.wait, false);
+        let (reply, acknowledged): (Option<String>, _) = self.send("create", request).await?;
         match reply {
-            Some(_) => Ok(Version::new(version)),
+            Some(_) => {
+                self.replicated("create", acknowledged)?;
+                Ok(Version::new(version))
+            }
             None => Err(StoreError::AlreadyExists),
         }
     }
@@ -440,28 +612,33 @@ impl SessionStore for RedisStore {
 
     async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
         check_ttl(ttl)?;
-        let mut connection = self.connection.clone();
         let redis_key = self.redis_key(key);
-        let expires_at = now_millis().saturating_add(millis(ttl));
-        let mut invocation = TOUCH.key(redis_key.as_ref());
-        invocation
-            .arg(millis(ttl))
-            .arg(&expires_at.to_be_bytes()[..])
-            .arg(&[FORMAT_MOVED][..]);
-        let touched: i64 = self
-            .run("touch", invocation.invoke_async(&mut connection))
-            .await?;
+        let expires_at = now_millis().saturating_add(millis(ttl)).to_be_bytes();
+        let ttl = millis(ttl).to_string();
+        // Idempotent: a second run sets the same expiry again (a few milliseconds later).
+        let request = Request::script(
+            &TOUCH,
+            &redis_key,
+            &[ttl.as_bytes(), &expires_at, &[FORMAT_MOVED]],
+            self.wait,
+            true,
+        );
+        let (touched, acknowledged): (i64, _) = self.send("touch", request).await?;
+        if touched == 1 {
+            self.replicated("touch", acknowledged)?;
+        }
         Ok(touched == 1)
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
         let mut command = redis::cmd("DEL");
         command.arg(self.redis_key(key).as_ref());
-        let _: i64 = self
-            .run("delete", command.query_async(&mut connection))
-            .await?;
-        Ok(())
+        // Idempotent: deleting a deleted entry is fine (and nothing recreates a deleted id).
+        let request = Request::write(command, self.wait, true);
+        let (_, acknowledged): (i64, _) = self.send("delete", request).await?;
+        // Checked even when nothing was deleted: the entry may have been deleted by a request
+        // whose own wait fell short, and this logout must not be undone by a failover.
+        self.replicated("delete", acknowledged)
     }
 
     async fn delete_if_version(
@@ -469,17 +646,19 @@ impl SessionStore for RedisStore {
         key: &StorageKey,
         version: Version,
     ) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
         let redis_key = self.redis_key(key);
-        let mut invocation = DELETE_IF_VERSION.key(redis_key.as_ref());
-        invocation.arg(&version.get().to_be_bytes()[..]);
-        let outcome: i64 = self
-            .run(
-                "delete_if_version",
-                invocation.invoke_async(&mut connection),
-            )
-            .await?;
-        conditional_outcome("delete_if_version", outcome)
+        let version = version.get().to_be_bytes();
+        // Not idempotent: run twice, the second run would report `NotFound`.
+        let request = Request::script(
+            &DELETE_IF_VERSION,
+            &redis_key,
+            &[&version],
+            self.wait,
+            false,
+        );
+        let (outcome, acknowledged) = self.send("delete_if_version", request).await?;
+        conditional_outcome("delete_if_version", outcome)?;
+        self.replicated("delete_if_version", acknowledged)
     }
 
     fn max_record_size(&self) -> usize {

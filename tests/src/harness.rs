@@ -581,3 +581,472 @@ pub fn find_binary(binary: &str, package: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// Sends `command` (inline) to the Redis-protocol server on `port` and reads one reply, arrays
+/// flattened: a bulk or simple string is one item, an integer its digits, an array its items in
+/// order (nested arrays flattened too), a nil nothing. An error reply is an `Err`.
+pub fn redis_items(port: u16, command: &str) -> std::io::Result<Vec<String>> {
+    fn read_value(
+        reader: &mut BufReader<TcpStream>,
+        items: &mut Vec<String>,
+    ) -> std::io::Result<()> {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let header = header.trim_end_matches(['\r', '\n']);
+        let (kind, rest) = header.split_at_checked(1).unwrap_or(("", ""));
+        let number = || {
+            rest.parse::<i64>()
+                .map_err(|_| std::io::Error::other(format!("bad reply header {header:?}")))
+        };
+        match kind {
+            "+" | ":" => items.push(rest.to_owned()),
+            "-" => return Err(std::io::Error::other(rest.to_owned())),
+            "$" => {
+                let Ok(len) = usize::try_from(number()?) else {
+                    return Ok(()); // $-1: nil
+                };
+                let mut body = vec![0u8; len + 2];
+                reader.read_exact(&mut body)?;
+                body.truncate(len);
+                items.push(String::from_utf8_lossy(&body).into_owned());
+            }
+            "*" => {
+                for _ in 0..number()?.max(0) {
+                    read_value(reader, items)?;
+                }
+            }
+            _ => {
+                return Err(std::io::Error::other(format!(
+                    "bad reply header {header:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+    let stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream);
+    reader
+        .get_mut()
+        .write_all(format!("{command}\r\n").as_bytes())?;
+    let mut items = Vec::new();
+    read_value(&mut reader, &mut items)?;
+    Ok(items)
+}
+
+/// The value of `field` in a `field:value` text reply (`INFO`, `CLUSTER INFO`).
+fn info_field(info: &str, field: &str) -> Option<String> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .map(|value| value.trim().to_owned())
+}
+
+/// A `redis-server --sentinel` process on a loopback port, with its configuration file in a
+/// directory of its own; killed when dropped.
+#[derive(Debug)]
+pub struct SentinelProcess {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl SentinelProcess {
+    /// Starts a sentinel monitoring `master_name` at `127.0.0.1:<master_port>` with `quorum`,
+    /// declaring the master down after `down_after_ms`, and waits until it answers. The file
+    /// goes into `directory` (the sentinel rewrites it).
+    fn start(
+        binary: &std::path::Path,
+        directory: &std::path::Path,
+        master_name: &str,
+        master_port: u16,
+        quorum: u32,
+        down_after_ms: u64,
+    ) -> Self {
+        let mut last_error = String::new();
+        for attempt in 0..5 {
+            let port = free_port();
+            let attempt_dir = directory.join(format!("sentinel-{port}-{attempt}"));
+            std::fs::create_dir_all(&attempt_dir).expect("creating a sentinel directory");
+            let config_path = attempt_dir.join("sentinel.conf");
+            let config = format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                 sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n\
+                 sentinel down-after-milliseconds {master_name} {down_after_ms}\n\
+                 sentinel failover-timeout {master_name} 5000\n\
+                 sentinel parallel-syncs {master_name} 1\n",
+                dir = attempt_dir.display()
+            );
+            std::fs::write(&config_path, config).expect("writing sentinel.conf");
+            let mut command = match setpriv() {
+                Some(setpriv) => {
+                    let mut command = Command::new(setpriv);
+                    command.args(["--pdeathsig", "KILL", "--"]).arg(binary);
+                    command
+                }
+                None => Command::new(binary),
+            };
+            command
+                .arg(&config_path)
+                .arg("--sentinel")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let child = match command.spawn() {
+                Ok(child) => child,
+                Err(error) => {
+                    last_error = error.to_string();
+                    continue;
+                }
+            };
+            let mut sentinel = Self {
+                port,
+                child: Some(child),
+            };
+            match sentinel.wait_until_serving() {
+                Ok(()) => return sentinel,
+                Err(error) => {
+                    sentinel.kill();
+                    last_error = error;
+                }
+            }
+        }
+        panic!("could not start a sentinel: {last_error}");
+    }
+
+    fn wait_until_serving(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(format!("exited at start with {status}"));
+            }
+            if let Ok(info) = redis_items(self.port, "INFO server") {
+                let pid = info
+                    .first()
+                    .and_then(|info| info_field(info, "process_id"))
+                    .and_then(|pid| pid.parse::<u32>().ok());
+                if pid == self.child.as_ref().map(Child::id) {
+                    return Ok(());
+                }
+                return Err(format!("port {} is taken by another server", self.port));
+            }
+            if Instant::now() > deadline {
+                return Err("did not answer in time".to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the process (SIGKILL) and waits for it to end.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for SentinelProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Sentinel-watched pair: a master, one replica, and three sentinels (quorum 2) that
+/// declare the master down after one second, all on free loopback ports. Dropping it stops
+/// every process and removes the sentinels' directory.
+#[derive(Debug)]
+pub struct RedisSentinel {
+    /// The data nodes: the master first at the start; a failover swaps the roles.
+    nodes: Vec<ServerProcess>,
+    sentinels: Vec<SentinelProcess>,
+    directory: PathBuf,
+}
+
+impl RedisSentinel {
+    /// The name the sentinels watch the master under.
+    pub const MASTER_NAME: &'static str = "sessions";
+    /// How long a master must be unreachable before a sentinel thinks it is down.
+    pub const DOWN_AFTER: Duration = Duration::from_millis(1000);
+
+    /// Starts the master, its replica (waiting until it has synchronized) and three sentinels
+    /// (waiting until each one answers and watches the master). The sentinels learn about each
+    /// other over the following seconds: [`wait_for_quorum`](Self::wait_for_quorum) before a
+    /// failover.
+    pub fn start() -> Option<Self> {
+        let binary = find_server_binary(ServerKind::Redis)?;
+        let directory = std::env::temp_dir().join(format!(
+            "session-redis-sentinel-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&directory).expect("creating the sentinel directory");
+        let mut topology = Self {
+            nodes: Vec::new(),
+            sentinels: Vec::new(),
+            directory,
+        };
+        let master = ServerProcess::start(ServerKind::Redis)?;
+        let master_port = master.port().to_string();
+        topology.nodes.push(master);
+        let replica = ServerProcess::start_with(
+            ServerKind::Redis,
+            &["--replicaof", "127.0.0.1", &master_port],
+        )?;
+        topology.nodes.push(replica);
+        topology.wait_for_replicas(1);
+        for _ in 0..3 {
+            let sentinel = SentinelProcess::start(
+                &binary,
+                &topology.directory,
+                Self::MASTER_NAME,
+                topology.nodes[0].port(),
+                2,
+                u64::try_from(Self::DOWN_AFTER.as_millis()).unwrap_or(u64::MAX),
+            );
+            topology.sentinels.push(sentinel);
+        }
+        Some(topology)
+    }
+
+    /// Waits until the master reports `replicas` replicas online and each of them reports its
+    /// link to the master up.
+    pub fn wait_for_replicas(&self, replicas: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let master = self.master_index();
+            let ready = master.is_some_and(|master| {
+                let info = self.nodes[master]
+                    .redis_bulk("INFO replication\r\n")
+                    .unwrap_or_default();
+                let online = info
+                    .lines()
+                    .filter(|line| line.starts_with("slave") && line.contains("state=online"))
+                    .count();
+                online >= replicas
+                    && self.nodes.iter().enumerate().all(|(i, node)| {
+                        i == master
+                            || node.pid().is_none()
+                            || node.redis_bulk("INFO replication\r\n").is_ok_and(|info| {
+                                info_field(&info, "master_link_status").as_deref() == Some("up")
+                            })
+                    })
+            });
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the replica did not synchronize");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every sentinel knows the two others and the replica, so that a failover
+    /// can be agreed on.
+    pub fn wait_for_quorum(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for sentinel in &self.sentinels {
+            loop {
+                let fields = redis_items(
+                    sentinel.port(),
+                    &format!("SENTINEL MASTER {}", Self::MASTER_NAME),
+                )
+                .unwrap_or_default();
+                let field = |name: &str| {
+                    fields
+                        .chunks(2)
+                        .find(|pair| pair[0] == name)
+                        .and_then(|pair| pair.get(1).cloned())
+                };
+                if field("num-other-sentinels").as_deref() == Some("2")
+                    && field("num-slaves").as_deref() == Some("1")
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the sentinels did not find each other"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>` of every sentinel.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|sentinel| format!("redis://127.0.0.1:{}", sentinel.port()))
+            .collect()
+    }
+
+    /// `redis+sentinel://127.0.0.1:<port>,.../sessions`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|sentinel| format!("127.0.0.1:{}", sentinel.port()))
+            .collect();
+        format!("redis+sentinel://{}/{}", hosts.join(","), Self::MASTER_NAME)
+    }
+
+    /// The index of the running node that reports itself master.
+    pub fn master_index(&self) -> Option<usize> {
+        self.nodes.iter().position(|node| {
+            node.pid().is_some()
+                && node
+                    .redis_bulk("INFO replication\r\n")
+                    .is_ok_and(|info| info_field(&info, "role").as_deref() == Some("master"))
+        })
+    }
+
+    /// The master's address as the first sentinel that answers names it.
+    pub fn master_address_from_sentinels(&self) -> Option<String> {
+        self.sentinels.iter().find_map(|sentinel| {
+            let command = format!("SENTINEL get-master-addr-by-name {}", Self::MASTER_NAME);
+            let items = redis_items(sentinel.port(), &command).ok()?;
+            (items.len() == 2).then(|| format!("{}:{}", items[0], items[1]))
+        })
+    }
+
+    /// Kills the master (SIGKILL); returns its address.
+    pub fn kill_master(&mut self) -> String {
+        let master = self.master_index().expect("a running master");
+        let address = self.nodes[master].address();
+        self.nodes[master].kill();
+        address
+    }
+
+    /// The data nodes, master and replica.
+    pub fn nodes(&mut self) -> &mut [ServerProcess] {
+        &mut self.nodes
+    }
+
+    /// The sentinels.
+    pub fn sentinels(&mut self) -> &mut [SentinelProcess] {
+        &mut self.sentinels
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        for sentinel in &mut self.sentinels {
+            sentinel.kill();
+        }
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.directory);
+    }
+}
+
+impl RedisCluster {
+    /// Starts a cluster of three masters with one replica each (six cluster-enabled nodes
+    /// joined with `redis-cli --cluster create --cluster-replicas 1`), with a node timeout of
+    /// one second and replicas allowed to take over however long they were cut off. Waits
+    /// until every node reports `cluster_state:ok` and every replica has synchronized.
+    pub fn start_with_replicas() -> Option<Self> {
+        find_server_binary(ServerKind::Redis)?;
+        let cli = find_binary("redis-cli", "redis-tools")?;
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            directories: Vec::new(),
+        };
+        for _ in 0..6 {
+            let directory = std::env::temp_dir().join(format!(
+                "session-redis-cluster-{}-{}",
+                std::process::id(),
+                free_port()
+            ));
+            std::fs::create_dir_all(&directory).expect("creating a node directory");
+            cluster.directories.push(directory.clone());
+            let attempts = std::cell::Cell::new(0u32);
+            let node = ServerProcess::start_with_args(ServerKind::Redis, || {
+                attempts.set(attempts.get() + 1);
+                let attempt_dir = directory.join(format!("attempt-{}", attempts.get()));
+                std::fs::create_dir_all(&attempt_dir).expect("creating a node directory");
+                let dir = attempt_dir.to_string_lossy().into_owned();
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-replica-validity-factor",
+                    "0",
+                    "--cluster-require-full-coverage",
+                    "no",
+                    "--cluster-port",
+                    &free_port().to_string(),
+                    "--dir",
+                    &dir,
+                ]
+                .map(str::to_owned)
+                .to_vec()
+            })?;
+            cluster.nodes.push(node);
+        }
+        let mut create = Command::new(cli);
+        create.args(["--cluster", "create"]);
+        create.args(cluster.nodes.iter().map(ServerProcess::address));
+        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        let output = create.output().expect("running redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        cluster.wait_until_ok();
+        cluster.wait_for_replicas();
+        Some(cluster)
+    }
+
+    /// Waits until every running replica reports its link to its master up, and every node
+    /// reports `cluster_state:ok` with the replicas known.
+    pub fn wait_for_replicas(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in self.nodes.iter().filter(|n| n.pid().is_some()) {
+            loop {
+                let info = node.redis_bulk("INFO replication\r\n").unwrap_or_default();
+                let ready = match info_field(&info, "role").as_deref() {
+                    Some("slave") => {
+                        info_field(&info, "master_link_status").as_deref() == Some("up")
+                    }
+                    Some("master") => {
+                        info_field(&info, "connected_slaves").is_some_and(|n| n != "0")
+                    }
+                    _ => false,
+                };
+                if ready {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster's replicas did not synchronize"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Indices of the running nodes that report themselves masters.
+    pub fn master_indices(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| {
+                self.nodes[i].pid().is_some()
+                    && self.nodes[i]
+                        .redis_bulk("INFO replication\r\n")
+                        .is_ok_and(|info| info_field(&info, "role").as_deref() == Some("master"))
+            })
+            .collect()
+    }
+}
