@@ -36,6 +36,7 @@ impl ServerKind {
     }
 
     fn args(self, port: u16) -> Vec<String> {
+        let number = port;
         let port = port.to_string();
         match self {
             // -u root is ignored unless running as root, where memcached insists on it.
@@ -53,20 +54,32 @@ impl ServerKind {
             ]
             .map(str::to_owned)
             .to_vec(),
-            Self::Redis => [
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ]
-            .map(str::to_owned)
-            .to_vec(),
+            Self::Redis => {
+                // A directory of its own, so that the RDB file a replica writes when it
+                // synchronizes lands neither in the source tree nor in another server's way.
+                let directory = std::env::temp_dir().join(format!(
+                    "session-tests-redis-{}-{number}",
+                    std::process::id()
+                ));
+                std::fs::create_dir_all(&directory).expect("creating a Redis directory");
+                let mut args: Vec<String> = [
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    &port,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                    "--dir",
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                args.push(directory.to_string_lossy().into_owned());
+                args
+            }
         }
     }
 
