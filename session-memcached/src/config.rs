@@ -175,10 +175,12 @@ impl MemcachedConfig {
         &self.servers
     }
 
-    /// The longest any single operation may take before it is reported as a timeout: one dial,
-    /// one redial of a dead pooled connection and the exchange.
+    /// The longest any single request to a server may take before it is reported as a
+    /// timeout: a wait for a free connection (at the cap), one dial, one redial of a dead
+    /// pooled connection, and the exchange. An operation of a replicated store makes at most
+    /// two such steps one after the other (a read, then a write).
     pub fn operation_deadline(&self) -> Duration {
-        2 * self.connect_timeout + self.io_timeout
+        3 * self.connect_timeout + self.io_timeout
     }
 
     /// The longest store-level key prefix accepted, in bytes.
@@ -205,6 +207,9 @@ impl MemcachedConfig {
             || self.retry_interval.is_zero()
         {
             return Err(ConfigError::ZeroTimeout);
+        }
+        if self.max_connections == Some(0) {
+            return Err(ConfigError::NoConnections);
         }
         if self.servers.len() > usize::from(u16::MAX) {
             return Err(ConfigError::TooManyServers);
@@ -329,6 +334,8 @@ pub enum ConfigError {
     },
     /// More than 65,535 servers.
     TooManyServers,
+    /// A connection cap of zero.
+    NoConnections,
     /// A server is listed twice (after adding the default port), which would put two copies
     /// of a session on one server.
     DuplicateServer(String),
@@ -363,6 +370,7 @@ impl fmt::Display for ConfigError {
                 write!(f, "the maximum item size must be at least {min}")
             }
             Self::TooManyServers => f.write_str("at most 65535 memcached servers"),
+            Self::NoConnections => f.write_str("max_connections must be above zero"),
             Self::DuplicateServer(server) => {
                 write!(f, "the memcached server {server} is listed twice")
             }

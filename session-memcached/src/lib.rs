@@ -80,7 +80,8 @@
 //!   take the one on the later-placed replica: the one that stays.) A save right after a load in the same process reuses
 //!   the CAS values that load read (for two seconds, and only while none of those servers has
 //!   failed since); a stale guess costs a conflict, after which the replicas are read again.
-//!   A load and save then cost two round trips to the first replica and one to the second.
+//!   A load and save then cost two round trips to each of two replicas: three in sequence
+//!   (the reads together, the deciding write, the carried write).
 //! - **Creates** add on every replica at once; when a replica already holds something, the
 //!   store reads all copies and the newest decides (a create that loses takes its own copies
 //!   back and reports [`StoreError::AlreadyExists`]). A create over a tombstone replaces it.
@@ -108,12 +109,13 @@
 //!   copy is what remains: an older value, or, for a logout done during the partition, the
 //!   session as it was before the logout.
 //! - Compare-and-set is exact while the processes saving one session agree about which of
-//!   its servers answer. A server that returns does not decide writes until it has been back
-//!   for a retry interval plus the operation deadline (by when every process of the
-//!   deployment, configured alike, has probed it), and until it holds the newest copy; but in
-//!   the moments in which processes disagree (one has timed a hung server out and another
-//!   has not, a server just returned, or a true partition), two concurrent saves may both be
-//!   acknowledged and one of them lost. The stress tests in `tests/replicas.rs` (two
+//!   its servers answer: every writer decides on the first replica it reads, whatever the
+//!   copies it read. A server that returns does not decide writes until it has been back for
+//!   a retry interval plus the operation deadline; but in the moments in which processes
+//!   disagree (one has timed a hung server out and another has not, processes probed a
+//!   returned server at different times, or a true partition), two concurrent saves may both
+//!   be acknowledged and one of them lost, or both be reported as conflicts while one of them
+//!   stays (a manager replaying it then applies its changes twice). The stress tests in `tests/replicas.rs` (two
 //!   processes, eight writers on four sessions, a server killed or hung every 0.9 s) lose
 //!   between none and a few in a thousand acknowledged increments, and the processes always
 //!   read the same value afterwards; with no failure in progress, none is lost.
@@ -121,6 +123,10 @@
 //!   failed since; a server restarted and refilled within those two seconds, unnoticed by
 //!   this process, whose CAS counter reaches exactly the remembered value, would let one stale
 //!   save through.
+//! - A replicated marker's own expiry is a moment by the clock of the host that wrote it, and
+//!   readers compare it with theirs: with app hosts' clocks apart by more than a marker's TTL
+//!   allows, a marker reads as gone early (a logout racing that login then misses the new
+//!   session) or late. Keep the hosts' clocks synchronized.
 //! - `replicas` cannot be changed on a running deployment: single-copy stores delete without
 //!   tombstones and write no generations, so old copies could come back. Change it together
 //!   with [`key_prefix`](MemcachedConfig::key_prefix) (which starts every session afresh),

@@ -171,14 +171,15 @@ enum Placed {
     GaveUp,
 }
 
-/// Whether `held`, found on a replica while carrying `write` there, is another writer's
-/// write that competes with it (the same or a later generation, or another marker), rather
-/// than this write itself or something built on it.
+/// Whether `held`, found on a replica while carrying `write` there, is another writer's write
+/// of the same version decided on another replica (it could not reach the first one, or did
+/// not yet count it back): the same generation, or another marker. A later generation was
+/// decided after this write on the first replica, so it is built on it.
 fn competes(held: &Item, write: &Write) -> bool {
     held.value != write.value
         && match (held.kind, write.kind) {
             (Kind::Session { generation: held }, Kind::Session { generation }) => {
-                held >= generation
+                held == generation
             }
             (Kind::Moved, Kind::Moved) => true,
             _ => false,
@@ -351,6 +352,10 @@ impl MemcachedStore {
             match result {
                 Ok(item) => copies.push(Copy { node, item }),
                 Err(StoreError::Decode(source)) => return Err(StoreError::Decode(source)),
+                // Not a server failure (those mark the server down before returning): this
+                // process ran out of connections. Leaving the replica out would make this
+                // operation act as if it were down, so the operation fails instead.
+                Err(error) if !node.is_down() => return Err(error),
                 Err(error) => failure = Some(error),
             }
         }
@@ -429,10 +434,11 @@ impl MemcachedStore {
             self.repairs.fetch_sub(1, Ordering::AcqRel);
             return;
         }
+        let running = RepairSlot(Arc::clone(&self.repairs));
         let store = self.clone();
         let item_key = self.item_key(key).into_owned();
         runtime.spawn(async move {
-            let _running = RepairSlot(Arc::clone(&store.repairs));
+            let _running = running;
             let repairs = stale.into_iter().map(|(node, item)| {
                 let (store, item_key, write) = (&store, &item_key, &write);
                 async move {
@@ -630,6 +636,13 @@ impl MemcachedStore {
             }
         }
         if let (Kind::Session { generation }, true) = (write.kind, everywhere) {
+            // In the order of the read, which is placement order.
+            written.sort_by_key(|(node, _)| {
+                phase
+                    .copies
+                    .iter()
+                    .position(|copy| Arc::ptr_eq(&copy.node, node))
+            });
             let copies: Vec<Copy> = written
                 .into_iter()
                 .map(|(node, cas)| Copy {
@@ -648,14 +661,16 @@ impl MemcachedStore {
         Ok(())
     }
 
-    /// Writes `write` on the first replica that holds the newest copy, compare-and-set against
-    /// what it held when read; returns that replica and the new CAS. (A replica that came back
-    /// empty or stale does not decide until it has been repaired, so a process that counts it
-    /// up decides where one that still counts it down does.) Of two racing writers, one wins
-    /// there and the other gets a conflict. A replica that surely did not apply the write
-    /// (refused, or not sent in time) hands the decision to the next one; one that may have
-    /// applied it (sent, not answered) ends the write with its error, since a second replica
-    /// deciding could make two writes of one version.
+    /// Writes `write` on the first replica that answered (in placement order), compare-and-set
+    /// against what it held when read (add, if it held nothing: a server back empty); returns
+    /// that replica and the new CAS. Of two racing writers, one wins there and the other gets
+    /// a conflict. Every writer picks the same replica whatever its read saw, since the reads
+    /// of different replicas are not one snapshot. A replica that came back less than a retry
+    /// interval plus the deadline ago does not decide (other processes may not count it back
+    /// yet). A replica that surely did not apply the write (refused, or not sent in time)
+    /// hands the decision to the next one; one that may have applied it (sent, not answered)
+    /// ends the write with its error, since a second replica deciding could make two writes
+    /// of one version.
     async fn decide(
         &self,
         operation: &'static str,
@@ -663,20 +678,18 @@ impl MemcachedStore {
         write: &Write,
         phase: &ReadPhase,
     ) -> Result<(Arc<Node>, u64), StoreError> {
-        let newest = order(phase.winner());
         let settle = self.retry_interval + self.deadline;
-        let current: Vec<&Copy> = phase
+        // A replica that came back within the settling time decides only if no other can.
+        let settled: Vec<&Copy> = phase
             .copies
             .iter()
-            .filter(|copy| order(copy.item.as_ref()) == newest)
-            .collect();
-        // A replica that came back within the settling time decides only if no other can.
-        let settled: Vec<&Copy> = current
-            .iter()
-            .copied()
             .filter(|copy| !copy.node.settling(settle))
             .collect();
-        let current = if settled.is_empty() { current } else { settled };
+        let current = if settled.is_empty() {
+            phase.copies.iter().collect()
+        } else {
+            settled
+        };
         let mut failure = None;
         for copy in current {
             let condition = match &copy.item {
@@ -689,7 +702,9 @@ impl MemcachedStore {
                     return Ok((Arc::clone(&copy.node), written_cas(operation, &result)?));
                 }
                 Ok(_) => return Err(StoreError::Conflict),
-                Err(failed) if failed.maybe_applied => return Err(failed.error),
+                Err(failed) if failed.maybe_applied || !copy.node.is_down() => {
+                    return Err(failed.error);
+                }
                 Err(failed) => failure = Some(failed.error),
             }
         }

@@ -505,6 +505,37 @@ async fn an_exhausted_connection_pool_does_not_count_as_a_dead_server() {
         reply.starts_with("VA 6"),
         "no tombstone on {shared}: {reply}"
     );
+
+    // During a burst, a logout either fails or ends the session on every replica: a replica
+    // this process has no connection for is not skipped as if it were down.
+    let other = loop {
+        let key = new_key();
+        if store.servers_of(&key).contains(&shared.as_str()) {
+            break key;
+        }
+    };
+    store
+        .create(&other, &record("logged in"), TTL)
+        .await
+        .unwrap();
+    let mut tasks = JoinSet::new();
+    for _ in 0..50 {
+        let (store, busy) = (store.clone(), busy.clone());
+        tasks.spawn(async move { store.load(&busy).await.is_err() });
+    }
+    let deleted = store.delete(&other).await;
+    while tasks.join_next().await.is_some() {}
+    if deleted.is_ok() {
+        for name in store.servers_of(&other) {
+            let reply = server_named(&servers, name)
+                .command_line(&format!("mg {} v\r\n", other.as_str()))
+                .unwrap();
+            assert!(
+                reply.starts_with("VA 6"),
+                "a logout during a burst skipped {name}: {reply}"
+            );
+        }
+    }
 }
 
 /// Review finding: one copy that cannot be read (written by something else) must not block
