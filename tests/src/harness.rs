@@ -440,6 +440,15 @@ impl RedisCluster {
     /// Starts three cluster-enabled nodes, creates the cluster and waits until every node
     /// reports `cluster_state:ok`.
     pub fn start() -> Option<Self> {
+        let cluster = Self::create(0, &["--cluster-node-timeout", "2000"])?;
+        cluster.wait_until_ok();
+        Some(cluster)
+    }
+
+    /// Starts `3 × (1 + replicas)` cluster-enabled nodes with the extra arguments `node_args`
+    /// and joins them with `redis-cli --cluster create --cluster-replicas replicas`. Nodes keep
+    /// serving their own slots while another node is down.
+    fn create(replicas: usize, node_args: &[&str]) -> Option<Self> {
         find_server_binary(ServerKind::Redis)?;
         let cli = find_binary("redis-cli", "redis-tools")?;
         // Built up in place, so that a failure part-way stops the nodes already started and
@@ -448,7 +457,7 @@ impl RedisCluster {
             nodes: Vec::new(),
             directories: Vec::new(),
         };
-        for _ in 0..3 {
+        for _ in 0..3 * (1 + replicas) {
             let directory = std::env::temp_dir().join(format!(
                 "session-redis-cluster-{}-{}",
                 std::process::id(),
@@ -463,38 +472,35 @@ impl RedisCluster {
                 attempts.set(attempts.get() + 1);
                 let attempt_dir = directory.join(format!("attempt-{}", attempts.get()));
                 std::fs::create_dir_all(&attempt_dir).expect("creating a node directory");
-                let dir = attempt_dir.to_string_lossy().into_owned();
-                [
+                let mut args: Vec<String> = [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                    // Nodes keep serving their own slots while another node is down.
                     "--cluster-require-full-coverage",
                     "no",
-                    "--cluster-port",
-                    &free_port().to_string(),
-                    "--dir",
-                    &dir,
                 ]
                 .map(str::to_owned)
-                .to_vec()
+                .to_vec();
+                args.extend(node_args.iter().map(|arg| (*arg).to_owned()));
+                args.push("--cluster-port".into());
+                args.push(free_port().to_string());
+                args.push("--dir".into());
+                args.push(attempt_dir.to_string_lossy().into_owned());
+                args
             })?;
             cluster.nodes.push(node);
         }
         let mut create = Command::new(cli);
         create.args(["--cluster", "create"]);
         create.args(cluster.nodes.iter().map(ServerProcess::address));
-        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        create.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
         let output = create.output().expect("running redis-cli --cluster create");
         assert!(
             output.status.success(),
             "redis-cli --cluster create failed: {}",
             String::from_utf8_lossy(&output.stdout)
         );
-        cluster.wait_until_ok();
         Some(cluster)
     }
 
@@ -967,57 +973,15 @@ impl RedisCluster {
     /// one second and replicas allowed to take over however long they were cut off. Waits
     /// until every node reports `cluster_state:ok` and every replica has synchronized.
     pub fn start_with_replicas() -> Option<Self> {
-        find_server_binary(ServerKind::Redis)?;
-        let cli = find_binary("redis-cli", "redis-tools")?;
-        let mut cluster = Self {
-            nodes: Vec::new(),
-            directories: Vec::new(),
-        };
-        for _ in 0..6 {
-            let directory = std::env::temp_dir().join(format!(
-                "session-redis-cluster-{}-{}",
-                std::process::id(),
-                free_port()
-            ));
-            std::fs::create_dir_all(&directory).expect("creating a node directory");
-            cluster.directories.push(directory.clone());
-            let attempts = std::cell::Cell::new(0u32);
-            let node = ServerProcess::start_with_args(ServerKind::Redis, || {
-                attempts.set(attempts.get() + 1);
-                let attempt_dir = directory.join(format!("attempt-{}", attempts.get()));
-                std::fs::create_dir_all(&attempt_dir).expect("creating a node directory");
-                let dir = attempt_dir.to_string_lossy().into_owned();
-                [
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--cluster-replica-validity-factor",
-                    "0",
-                    "--cluster-require-full-coverage",
-                    "no",
-                    "--cluster-port",
-                    &free_port().to_string(),
-                    "--dir",
-                    &dir,
-                ]
-                .map(str::to_owned)
-                .to_vec()
-            })?;
-            cluster.nodes.push(node);
-        }
-        let mut create = Command::new(cli);
-        create.args(["--cluster", "create"]);
-        create.args(cluster.nodes.iter().map(ServerProcess::address));
-        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
-        let output = create.output().expect("running redis-cli --cluster create");
-        assert!(
-            output.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&output.stdout)
-        );
+        let cluster = Self::create(
+            1,
+            &[
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-replica-validity-factor",
+                "0",
+            ],
+        )?;
         cluster.wait_until_ok();
         cluster.wait_for_replicas();
         Some(cluster)
