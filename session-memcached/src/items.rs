@@ -11,7 +11,7 @@
 //! | `0` | the encoded record | a session written by a single-copy store |
 //! | `2` | an 8-byte big-endian generation, then the encoded record | a session written by a replicated store |
 //! | the expiry, in Unix seconds | the encoded moved marker | a moved marker (single-copy store) |
-//! | the item's expiry, in Unix seconds | [`REPLICATED_MARKER`], the marker's own expiry (8 bytes, big-endian Unix seconds), the encoded moved marker | a moved marker (replicated store); once its own expiry has passed it reads as ended |
+//! | the item's expiry, in Unix seconds | [`REPLICATED_MARKER`], how many seconds the item outlives the marker (8 bytes, big-endian), the encoded moved marker | a moved marker (replicated store); once the item's remaining TTL, by memcached's clock, is down to those seconds it reads as ended |
 //! | the expiry, in Unix seconds | [`TOMBSTONE`] | an ended session (a replicated store's delete) |
 //!
 //! Both kinds of store read every format. Keeping a marker's or tombstone's expiry in its
@@ -43,12 +43,13 @@ pub(crate) const REPLICATED_MARKER: &[u8] = b"\0moved";
 /// Where a replicated marker's encoded marker starts.
 const REPLICATED_MARKER_HEADER: usize = REPLICATED_MARKER.len() + 8;
 
-/// The value of a replicated marker that lasts until `expires` (Unix seconds) and points at
-/// the encoded marker `moved`.
-pub(crate) fn replicated_marker(expires: u64, moved: &[u8]) -> Vec<u8> {
+/// The value of a replicated marker whose item outlives the marker itself by `extra` seconds
+/// and which points at the encoded marker `moved`. Its end is judged by the item's remaining
+/// TTL, as memcached reports it, so every reader agrees on it whatever its own clock says.
+pub(crate) fn replicated_marker(extra: u64, moved: &[u8]) -> Vec<u8> {
     let mut value = Vec::with_capacity(REPLICATED_MARKER_HEADER + moved.len());
     value.extend_from_slice(REPLICATED_MARKER);
-    value.extend_from_slice(&expires.to_be_bytes());
+    value.extend_from_slice(&extra.to_be_bytes());
     value.extend_from_slice(moved);
     value
 }
@@ -105,8 +106,8 @@ impl Item {
     }
 }
 
-/// Classifies a stored item from its flags and value.
-pub(crate) fn classify(flags: u32, value: &[u8]) -> Kind {
+/// Classifies a stored item from its flags, value and remaining TTL (memcached's `t`).
+pub(crate) fn classify(flags: u32, value: &[u8], ttl: Option<i64>) -> Kind {
     match flags {
         SESSION_FLAGS => Kind::Session { generation: 0 },
         GENERATION_SESSION_FLAGS => match value.first_chunk::<GENERATION_LEN>() {
@@ -118,14 +119,15 @@ pub(crate) fn classify(flags: u32, value: &[u8]) -> Kind {
         1 => Kind::Unreadable,
         _ if value == TOMBSTONE => Kind::Ended,
         _ if value.starts_with(REPLICATED_MARKER) => {
-            let expires = value
+            let extra = value
                 .get(REPLICATED_MARKER.len()..REPLICATED_MARKER_HEADER)
                 .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
                 .map(u64::from_be_bytes);
-            match expires {
-                Some(expires) if expires > unix_now() => Kind::Moved,
-                Some(_) => Kind::Ended,
-                None => Kind::Unreadable,
+            let left = ttl.and_then(|secs| u64::try_from(secs).ok());
+            match (extra, left) {
+                (Some(extra), Some(left)) if left > extra => Kind::Moved,
+                (Some(_), _) => Kind::Ended,
+                (None, _) => Kind::Unreadable,
             }
         }
         _ => Kind::Moved,
@@ -173,7 +175,7 @@ pub(crate) async fn get(
     let cas = checked_cas(operation, cas)?;
     let flags = result.client_flags.unwrap_or(SESSION_FLAGS);
     Ok(Some(Item {
-        kind: classify(flags, &value),
+        kind: classify(flags, &value, result.item.ttl),
         flags,
         cas,
         ttl: result.item.ttl,
@@ -359,5 +361,23 @@ pub(crate) fn unexpected(operation: &'static str, what: String) -> StoreError {
     StoreError::Backend {
         operation,
         source: what.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replicated_marker_ends_by_memcached_clock_not_the_readers() {
+        let marker = replicated_marker(100, b"\x80target");
+        let far_future = u32::MAX - 1;
+        // The item has 101 s left and outlives the marker by 100 s: one second of marker left.
+        assert_eq!(classify(far_future, &marker, Some(101)), Kind::Moved);
+        assert_eq!(classify(far_future, &marker, Some(100)), Kind::Ended);
+        assert_eq!(classify(far_future, &marker, None), Kind::Ended);
+        // The flags (the writer's clock) play no part.
+        assert_eq!(classify(3, &marker, Some(101)), Kind::Moved);
+        assert_eq!(classify(3, b"\0moved\0", Some(101)), Kind::Unreadable);
     }
 }

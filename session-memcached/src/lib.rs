@@ -91,7 +91,9 @@
 //!   (default a day) and at least the longest TTL this process has given a session. An id cycle
 //!   leaves moved markers, which outrank any session copy, on every live replica of the old
 //!   key; the marker reads as gone after its own TTL, but its item stays as long as a
-//!   tombstone would, so a replica that missed the cycle cannot bring the old id back. The
+//!   tombstone would, so a replica that missed the cycle cannot bring the old id back. (The
+//!   marker's end is judged by the item's remaining TTL as memcached counts it, so app hosts
+//!   with different clocks agree on it.) The
 //!   manager's logout follows markers.
 //! - **While a server is down** writes go to the live replicas only, and its keys have one
 //!   copy fewer until it returns; when it returns (restarted empty, or resumed with old
@@ -123,10 +125,11 @@
 //!   failed since; a server restarted and refilled within those two seconds, unnoticed by
 //!   this process, whose CAS counter reaches exactly the remembered value, would let one stale
 //!   save through.
-//! - A replicated marker's own expiry is a moment by the clock of the host that wrote it, and
-//!   readers compare it with theirs: with app hosts' clocks apart by more than a marker's TTL
-//!   allows, a marker reads as gone early (a logout racing that login then misses the new
-//!   session) or late. Keep the hosts' clocks synchronized.
+//! - Markers and tombstones outrank every session copy whatever its generation. A mark sent
+//!   to a hung server (reported as a timeout) and applied when it resumes outranks a save
+//!   decided on another replica meanwhile; `touch` extends every session copy it reaches,
+//!   including a stale one beside a marker, which can then outlive the marker if no read
+//!   repairs it.
 //! - `replicas` cannot be changed on a running deployment: single-copy stores delete without
 //!   tombstones and write no generations, so old copies could come back. Change it together
 //!   with [`key_prefix`](MemcachedConfig::key_prefix) (which starts every session afresh),

@@ -228,11 +228,17 @@ impl Write {
     /// A copy of `item` with the expiry it has left, for read repair; `None` when it has
     /// (almost) expired.
     fn repair_of(item: &Item) -> Option<Self> {
+        // The time left as memcached counts it (a marker's end is judged by it).
+        let left = item
+            .ttl
+            .and_then(|secs| u64::try_from(secs).ok())
+            .filter(|secs| *secs > 1)
+            .map(Duration::from_secs);
         let ttl = match item.kind {
-            Kind::Session { .. } => Ttl::from(Duration::from_secs(
-                u64::try_from(item.ttl?).ok().filter(|secs| *secs > 1)?,
-            )),
-            Kind::Moved | Kind::Ended => Ttl::from(time_left(item.flags).min(MAX_TTL)),
+            Kind::Session { .. } => Ttl::from(left?),
+            Kind::Moved | Kind::Ended => {
+                Ttl::from(left.unwrap_or_else(|| time_left(item.flags)).min(MAX_TTL))
+            }
             Kind::Unreadable => return None,
         };
         Some(Self {
@@ -242,6 +248,11 @@ impl Write {
             ttl,
         })
     }
+}
+
+/// The whole seconds memcached is sent for `ttl` (see [`wire_ttl`]): rounded up, plus one.
+fn wire_secs(ttl: Duration) -> u64 {
+    ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0) + 1
 }
 
 /// A new session's first generation: the time in microseconds, shifted, with random low bits,
@@ -773,12 +784,12 @@ impl MemcachedStore {
         self.seen.forget(key);
         let phase = self.read_phase("mark_moved", key).await?;
         let item_ttl = self.tombstone_ttl(&phase).max(ttl);
-        let expires = items::unix_now() + ttl.as_secs() + 1 + u64::from(ttl.subsec_nanos() > 0);
+        let (item_secs, marker_secs) = (wire_secs(item_ttl), wire_secs(ttl));
         let write = Write {
             kind: Kind::Moved,
             flags: expiry_flags("mark_moved", item_ttl)?,
-            value: items::replicated_marker(expires, &encode_moved(to)),
-            ttl: wire_ttl(item_ttl),
+            value: items::replicated_marker(item_secs - marker_secs, &encode_moved(to)),
+            ttl: Ttl::from(Duration::from_secs(item_secs)),
         };
         self.replace_in("mark_moved", key, version, &write, phase)
             .await

@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -447,10 +447,24 @@ impl RedisCluster {
 
     /// Starts `3 × (1 + replicas)` cluster-enabled nodes with the extra arguments `node_args`
     /// and joins them with `redis-cli --cluster create --cluster-replicas replicas`. Nodes keep
-    /// serving their own slots while another node is down.
+    /// serving their own slots while another node is down. A node can die right after its
+    /// start (its cluster bus port, picked free, taken meanwhile), and `redis-cli` then waits
+    /// for the cluster to join forever: the join is bounded, and the whole cluster is started
+    /// again, up to three times.
     fn create(replicas: usize, node_args: &[&str]) -> Option<Self> {
         find_server_binary(ServerKind::Redis)?;
         let cli = find_binary("redis-cli", "redis-tools")?;
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_create(&cli, replicas, node_args) {
+                Ok(cluster) => return Some(cluster),
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("could not create a Redis Cluster: {failures:?}");
+    }
+
+    fn try_create(cli: &Path, replicas: usize, node_args: &[&str]) -> Result<Self, String> {
         // Built up in place, so that a failure part-way stops the nodes already started and
         // removes their directories.
         let mut cluster = Self {
@@ -488,20 +502,29 @@ impl RedisCluster {
                 args.push("--dir".into());
                 args.push(attempt_dir.to_string_lossy().into_owned());
                 args
-            })?;
+            })
+            .ok_or("a cluster node did not start")?;
             cluster.nodes.push(node);
         }
         let mut create = Command::new(cli);
         create.args(["--cluster", "create"]);
         create.args(cluster.nodes.iter().map(ServerProcess::address));
         create.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
-        let output = create.output().expect("running redis-cli --cluster create");
-        assert!(
-            output.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&output.stdout)
-        );
-        Some(cluster)
+        create.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = create.spawn().map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match child.try_wait().map_err(|e| e.to_string())? {
+                Some(status) if status.success() => return Ok(cluster),
+                Some(status) => return Err(format!("redis-cli --cluster create: {status}")),
+                None if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err("redis-cli --cluster create did not finish in 30 s".into());
+                }
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
     }
 
     /// Waits until every running node reports `cluster_state:ok`.
