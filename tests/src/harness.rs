@@ -992,15 +992,18 @@ impl Drop for RedisSentinel {
 
 impl RedisCluster {
     /// Starts a cluster of three masters with one replica each (six cluster-enabled nodes
-    /// joined with `redis-cli --cluster create --cluster-replicas 1`), with a node timeout of
-    /// one second and replicas allowed to take over however long they were cut off. Waits
-    /// until every node reports `cluster_state:ok` and every replica has synchronized.
-    pub fn start_with_replicas() -> Option<Self> {
+    /// joined with `redis-cli --cluster create --cluster-replicas 1`), with the given node
+    /// timeout (how long a master may not answer before its replica takes over: short for a
+    /// failover test, longer where a loaded machine must not cause failovers) and replicas
+    /// allowed to take over however long they were cut off. Waits until every node reports
+    /// `cluster_state:ok` and every replica has synchronized.
+    pub fn start_with_replicas(node_timeout: Duration) -> Option<Self> {
+        let node_timeout = node_timeout.as_millis().to_string();
         let cluster = Self::create(
             1,
             &[
                 "--cluster-node-timeout",
-                "1000",
+                &node_timeout,
                 "--cluster-replica-validity-factor",
                 "0",
             ],
@@ -1013,7 +1016,7 @@ impl RedisCluster {
     /// Waits until every running replica reports its link to its master up, and every node
     /// reports `cluster_state:ok` with the replicas known.
     pub fn wait_for_replicas(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         for node in self.nodes.iter().filter(|n| n.pid().is_some()) {
             loop {
                 let info = node.redis_bulk("INFO replication\r\n").unwrap_or_default();
