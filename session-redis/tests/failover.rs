@@ -40,9 +40,11 @@ mod sentinel {
 
     session_conformance::conformance_suite!(async {
         let topology = RedisSentinel::start()?;
-        // Default timeouts, as in the other suites.
-        let config = RedisConfig::sentinel(topology.sentinel_urls(), RedisSentinel::MASTER_NAME)
-            .wait_for_replicas(1, WAIT);
+        // Default timeouts, as in the other suites, and no wait option: 32 requests committing
+        // to one session at once, each save also waiting for the replica, exhausted the
+        // manager's 64 replays now and then on a loaded two-core machine. The option is
+        // tested by the failover tests below.
+        let config = RedisConfig::sentinel(topology.sentinel_urls(), RedisSentinel::MASTER_NAME);
         let store = RedisStore::connect(config).await.unwrap();
         Some((store, topology))
     });
