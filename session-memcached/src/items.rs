@@ -221,10 +221,7 @@ pub(crate) async fn set_telling(
     deadline: Duration,
 ) -> Result<MutationResult, SetFailed> {
     let _permit = node.permit().await.map_err(|()| SetFailed {
-        error: StoreError::Timeout {
-            operation,
-            after: deadline,
-        },
+        error: no_connection(operation, deadline),
         maybe_applied: false,
     })?;
     let client = node.client();
@@ -255,13 +252,34 @@ pub(crate) async fn call<T>(
     deadline: Duration,
     request: impl Future<Output = memcache::exp::Result<T>>,
 ) -> Result<T, StoreError> {
-    let _permit = node.permit().await.map_err(|()| StoreError::Timeout {
-        operation,
-        after: deadline,
-    })?;
+    let _permit = node
+        .permit()
+        .await
+        .map_err(|()| no_connection(operation, deadline))?;
     request
         .await
         .map_err(|error| failed(node, operation, deadline, error))
+}
+
+/// The error of a request that found no free connection in time (see [`Node::permit`]).
+fn no_connection(operation: &'static str, deadline: Duration) -> StoreError {
+    StoreError::Timeout {
+        operation,
+        after: deadline,
+    }
+}
+
+/// `mg <key> T<ttl> f` without the value: sets the item's TTL, and tells whether it was there
+/// and its flags (a marker or tombstone holds its expiry in them).
+pub(crate) async fn touch(
+    node: &Arc<Node>,
+    key: &str,
+    ttl: Ttl,
+    deadline: Duration,
+) -> Result<memcache::exp::GetResult, StoreError> {
+    let client = node.client();
+    let request = client.get(key.as_bytes()).touch(ttl).without_value().send();
+    call(node, "touch", deadline, request).await
 }
 
 /// Maps a client error, reporting a transport failure to the server's health. (A request that

@@ -804,15 +804,9 @@ impl MemcachedStore {
         self.note_ttl(ttl);
         let (nodes, _) = self.live_replicas(key);
         let item_key = self.item_key(key);
-        let touches = nodes.iter().map(|node| async {
-            let client = node.client();
-            let request = client
-                .get(item_key.as_bytes())
-                .touch(wire_ttl(ttl))
-                .without_value()
-                .send();
-            items::call(node, "touch", self.deadline, request).await
-        });
+        let touches = nodes
+            .iter()
+            .map(|node| items::touch(node, &item_key, wire_ttl(ttl), self.deadline));
         let results = join_all(touches).await;
         let mut session = false;
         let mut ended = false;
@@ -832,15 +826,9 @@ impl MemcachedStore {
             }
         }
         // A marker or tombstone was touched: give it back its own expiry.
-        let item_key = &item_key;
-        let restore = restores.into_iter().map(|(node, flags)| async move {
-            let client = node.client();
-            let request = client
-                .get(item_key.as_bytes())
-                .touch(Ttl::from(time_left(flags)))
-                .without_value()
-                .send();
-            items::call(node, "touch", self.deadline, request).await
+        let restore = restores.into_iter().map(|(node, flags)| {
+            let restore = Ttl::from(time_left(flags));
+            items::touch(node, &item_key, restore, self.deadline)
         });
         for restored in join_all(restore).await {
             restored?;

@@ -153,23 +153,13 @@ impl MemcachedStore {
     ) -> Result<bool, StoreError> {
         check_ttl(ttl)?;
         let item_key = self.item_key(key);
-        let client = node.client();
-        let request = client
-            .get(item_key.as_bytes())
-            .touch(wire_ttl(ttl))
-            .without_value()
-            .send();
-        let result = items::call(node, "touch", self.deadline, request).await?;
+        let result = items::touch(node, &item_key, wire_ttl(ttl), self.deadline).await?;
         match result.client_flags {
             // A marker or tombstone: memcached touched it before answering, so give it back its
             // own expiry (a second request, only when a touch races an id cycle or a logout).
             Some(expires) if expires > LAST_SESSION_FLAGS && result.status == GetStatus::Hit => {
-                let restore = client
-                    .get(item_key.as_bytes())
-                    .touch(Ttl::from(time_left(expires)))
-                    .without_value()
-                    .send();
-                items::call(node, "touch", self.deadline, restore).await?;
+                let restore = Ttl::from(time_left(expires));
+                items::touch(node, &item_key, restore, self.deadline).await?;
                 Ok(false)
             }
             _ => Ok(result.status == GetStatus::Hit),
