@@ -35,10 +35,16 @@ fn cluster_config(cluster: &RedisCluster) -> RedisConfig {
         .wait_for_replicas(1, WAIT)
 }
 
+/// The topologies here (five or six Redis processes each) run one at a time: two at once on
+/// two busy cores made saves slow enough for the suite's 32 committers on one session to
+/// exhaust the manager's replays now and then (seen in fresh-clone CI runs).
+static ONE_TOPOLOGY_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 mod sentinel {
     use super::*;
 
     session_conformance::conformance_suite!(async {
+        let turn = ONE_TOPOLOGY_AT_A_TIME.lock().await;
         let topology = RedisSentinel::start()?;
         // Default timeouts, as in the other suites, and no wait option: 32 requests committing
         // to one session at once, each save also waiting for the replica, exhausted the
@@ -46,13 +52,13 @@ mod sentinel {
         // tested by the failover tests below.
         let config = RedisConfig::sentinel(topology.sentinel_urls(), RedisSentinel::MASTER_NAME);
         let store = RedisStore::connect(config).await.unwrap();
-        Some((store, topology))
+        Some((store, (topology, turn)))
     });
 }
 
 /// With the default timeouts (like the three-master suite), and without the wait option: the
-/// suite's 32 requests committing to one session at once, on two busy cores running two
-/// six-node clusters, then take long enough per save to exhaust the manager's 64 conflict
+/// suite's 32 requests committing to one session at once, on two busy cores (two six-node
+/// clusters at once, before the topologies took turns), then took long enough per save to exhaust the manager's 64 conflict
 /// replays now and then (`manager_concurrent_commits_lose_no_update`), with or without the
 /// option. The option's routing in a cluster is checked by
 /// `cluster_failover_loses_no_acknowledged_session`, the option itself by the Sentinel suite.
@@ -60,12 +66,13 @@ mod cluster_with_replicas {
     use super::*;
 
     session_conformance::conformance_suite!(async {
+        let turn = ONE_TOPOLOGY_AT_A_TIME.lock().await;
         // No failover is wanted here: a node timeout a loaded machine does not reach.
         let cluster = RedisCluster::start_with_replicas(Duration::from_secs(5))?;
         let store = RedisStore::connect(RedisConfig::cluster(cluster.seed_urls()))
             .await
             .unwrap();
-        Some((store, cluster))
+        Some((store, (cluster, turn)))
     });
 }
 
@@ -204,6 +211,7 @@ async fn until_ok<T>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_loses_no_acknowledged_write_and_the_store_follows_the_master() {
+    let _turn = ONE_TOPOLOGY_AT_A_TIME.lock().await;
     let Some(mut topology) = RedisSentinel::start() else {
         return;
     };
@@ -288,6 +296,7 @@ async fn sentinel_failover_loses_no_acknowledged_write_and_the_store_follows_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_failover_loses_no_acknowledged_session() {
+    let _turn = ONE_TOPOLOGY_AT_A_TIME.lock().await;
     let Some(mut cluster) = RedisCluster::start_with_replicas(Duration::from_secs(1)) else {
         return;
     };
