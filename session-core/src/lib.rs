@@ -24,6 +24,7 @@ pub mod csrf;
 mod error;
 mod id;
 mod manager;
+pub mod observe;
 mod record;
 mod session;
 mod signing;

@@ -2,14 +2,17 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
+
+use tracing::Instrument;
 
 use crate::codec;
 use crate::config::{SameKeyConflict, SameSite, SessionConfig};
 use crate::csrf;
 use crate::error::{ConfigError, SessionError, StoreError};
 use crate::id::{SessionId, StorageKey};
+use crate::observe::{self, ObservedStore};
 use crate::record::Record;
 use crate::session::{Origin, Session, StoredSession};
 use crate::store::{LoadedRecord, MIN_TTL, SessionStore, StoredEntry, Version};
@@ -147,6 +150,24 @@ pub enum CommitStatus {
     Superseded,
 }
 
+impl CommitStatus {
+    /// The status in snake case, as metrics and spans show it.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Anonymous => "anonymous",
+            Self::Unchanged => "unchanged",
+            Self::Created => "created",
+            Self::Saved => "saved",
+            Self::Followed => "followed",
+            Self::Touched => "touched",
+            Self::Cycled => "cycled",
+            Self::Destroyed => "destroyed",
+            Self::Ended => "ended",
+            Self::Superseded => "superseded",
+        }
+    }
+}
+
 /// The result of [`SessionManager::commit`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -203,6 +224,21 @@ enum Fenced {
     Unknown,
 }
 
+/// What one commit met, for its span.
+#[derive(Default)]
+struct Tally {
+    /// Store calls answered with a version conflict.
+    conflicts: AtomicU32,
+    /// Replays of the request's changes onto a newer version.
+    replays: AtomicU32,
+}
+
+impl Tally {
+    fn conflict(&self) {
+        self.conflicts.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The newest state of a session that was loaded under some key.
 enum Latest {
     /// Deleted, expired, or moved further than [`MAX_MOVES_FOLLOWED`] times.
@@ -224,7 +260,7 @@ enum Latest {
 /// Cheap to clone; share one per application.
 #[derive(Clone)]
 pub struct SessionManager {
-    store: Arc<dyn SessionStore>,
+    store: ObservedStore,
     config: Arc<SessionConfig>,
     lost_writes: Arc<AtomicU64>,
 }
@@ -250,7 +286,7 @@ impl SessionManager {
     ) -> Result<Self, ConfigError> {
         config.fit_to(&*store)?;
         Ok(Self {
-            store,
+            store: ObservedStore::new(store),
             config: Arc::new(config),
             lost_writes: Arc::default(),
         })
@@ -263,7 +299,7 @@ impl SessionManager {
 
     /// The store in use.
     pub fn store(&self) -> &Arc<dyn SessionStore> {
-        &self.store
+        self.store.inner()
     }
 
     /// How many commits of this manager (and its clones) lost their changes because the
@@ -313,39 +349,90 @@ impl SessionManager {
     /// A cookie whose session moved to a new id gives a session that holds nothing and whose
     /// changes are not written (its commit reports them lost). A store fault is an error.
     pub async fn load(&self, cookie_value: Option<&str>) -> Result<Session, SessionError> {
-        let now = SystemTime::now();
-        let Some(verified) =
-            cookie_value.and_then(|value| self.config.keys.verify(&self.config.cookie.name, value))
-        else {
-            return Ok(self.fresh(now));
+        let backend = self.store.backend();
+        let span = tracing::debug_span!(
+            "session.load",
+            backend,
+            outcome = tracing::field::Empty,
+            elapsed_us = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let loaded = self
+            .load_counted(cookie_value)
+            .instrument(span.clone())
+            .await;
+        let outcome = match &loaded {
+            Ok((_, outcome)) => outcome,
+            Err(error) => {
+                if let Some(kind) = observe::session_error_kind(error) {
+                    observe::count(backend, observe::ERRORS, Some(("kind", kind)));
+                }
+                "error"
+            }
         };
-        let mut session = self.load_verified(verified, now).await?;
-        session.had_valid_cookie = true;
-        Ok(session)
+        span.record("outcome", outcome);
+        span.record("elapsed_us", observe::micros(started.elapsed()));
+        loaded.map(|(session, _)| session)
+    }
+
+    /// Loads as [`load`](Self::load) does; counts the load and gives its outcome.
+    async fn load_counted(
+        &self,
+        cookie_value: Option<&str>,
+    ) -> Result<(Session, &'static str), SessionError> {
+        let now = SystemTime::now();
+        let verified = match cookie_value {
+            None => Err("no_cookie"),
+            Some(value) => self
+                .config
+                .keys
+                .verify(&self.config.cookie.name, value)
+                .ok_or("bad_cookie"),
+        };
+        let (session, outcome) = match verified {
+            Err(outcome) => (self.fresh(now), outcome),
+            Ok(verified) => {
+                let (mut session, outcome) = self.load_verified(verified, now).await?;
+                session.had_valid_cookie = true;
+                (session, outcome)
+            }
+        };
+        observe::count(
+            self.store.backend(),
+            observe::LOADS,
+            Some(("result", outcome)),
+        );
+        Ok((session, outcome))
     }
 
     /// Loads the session of a cookie that verified.
+    /// Loads the session of a cookie that verified; gives the load's outcome too.
     async fn load_verified(
         &self,
         verified: crate::signing::VerifiedCookie,
         now: SystemTime,
-    ) -> Result<Session, SessionError> {
+    ) -> Result<(Session, &'static str), SessionError> {
         let key = StorageKey::derive(&self.config.key_prefix, &verified.id);
-        let loaded = match self.load_latest(&key).await? {
-            None => return Ok(self.fresh(now)),
-            Some(StoredEntry::Moved { .. }) => {
-                return Ok(Session::new(Origin::Moved, self.new_record(now)));
+        let loaded = match self.store.load_entry(&key).await {
+            Ok(None) => return Ok((self.fresh(now), "miss")),
+            Ok(Some(StoredEntry::Moved { .. })) => {
+                return Ok((Session::new(Origin::Moved, self.new_record(now)), "moved"));
             }
-            Some(StoredEntry::Session(loaded)) => loaded,
+            Ok(Some(StoredEntry::Session(loaded))) => loaded,
+            Err(StoreError::Decode(error)) => {
+                tracing::warn!(%error, "stored session does not decode; treating it as absent");
+                return Ok((self.fresh(now), "undecodable"));
+            }
+            Err(error) => return Err(error.into()),
         };
         if self.absolute_left(&loaded.record, now) == Some(Duration::ZERO) {
             tracing::debug!("session passed its absolute deadline");
             if let Err(error) = self.store.delete(&key).await {
                 tracing::warn!(%error, "could not delete a session past its absolute deadline");
             }
-            return Ok(self.fresh(now));
+            return Ok((self.fresh(now), "expired"));
         }
-        Ok(Session::new(
+        let session = Session::new(
             Origin::Stored(StoredSession {
                 id: verified.id,
                 key,
@@ -355,7 +442,8 @@ impl SessionManager {
                 needs_resign: verified.needs_resign,
             }),
             loaded.record,
-        ))
+        );
+        Ok((session, "hit"))
     }
 
     /// Writes what the request did to the session and says what to do with the cookie.
@@ -372,10 +460,81 @@ impl SessionManager {
     /// alone: a removal here could overwrite the newer cookie a concurrent login just set.
     /// If the request had changes, [`CommitOutcome::lost_changes`] is set. Only
     /// [`Session::destroy`] clears the cookie.
-    pub async fn commit(&self, mut session: Session) -> Result<CommitOutcome, SessionError> {
+    pub async fn commit(&self, session: Session) -> Result<CommitOutcome, SessionError> {
+        let backend = self.store.backend();
+        let span = tracing::debug_span!(
+            "session.commit",
+            backend,
+            status = tracing::field::Empty,
+            conflicts = tracing::field::Empty,
+            replays = tracing::field::Empty,
+            lost_changes = tracing::field::Empty,
+            elapsed_us = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let tally = Tally::default();
+        let committed = self
+            .commit_counted(session, &tally)
+            .instrument(span.clone())
+            .await;
+        span.record("conflicts", tally.conflicts.load(Ordering::Relaxed));
+        span.record("replays", tally.replays.load(Ordering::Relaxed));
+        match &committed {
+            Ok(outcome) => {
+                span.record("status", outcome.status.label());
+                span.record("lost_changes", outcome.lost_changes);
+            }
+            Err(error) => {
+                if let Some(kind) = observe::session_error_kind(error) {
+                    observe::count(backend, observe::ERRORS, Some(("kind", kind)));
+                }
+                span.record("status", "error");
+            }
+        }
+        span.record("elapsed_us", observe::micros(started.elapsed()));
+        committed
+    }
+
+    /// Commits as [`commit`](Self::commit) does, counting what it did.
+    async fn commit_counted(
+        &self,
+        session: Session,
+        tally: &Tally,
+    ) -> Result<CommitOutcome, SessionError> {
+        let outcome = self.commit_uncounted(session, tally).await?;
+        let backend = self.store.backend();
+        let counter = match outcome.status {
+            CommitStatus::Created => Some((observe::CREATES, None)),
+            CommitStatus::Saved | CommitStatus::Followed => Some((observe::SAVES, None)),
+            CommitStatus::Touched => Some((observe::TOUCHES, Some(("result", "done")))),
+            CommitStatus::Unchanged => Some((observe::TOUCHES, Some(("result", "skipped")))),
+            CommitStatus::Cycled => Some((observe::CYCLES, None)),
+            CommitStatus::Anonymous
+            | CommitStatus::Destroyed
+            | CommitStatus::Ended
+            | CommitStatus::Superseded => None,
+        };
+        if let Some((name, label)) = counter {
+            observe::count(backend, name, label);
+        }
+        if outcome.lost_changes {
+            observe::count(
+                backend,
+                observe::LOST_CHANGES,
+                Some(("status", outcome.status.label())),
+            );
+        }
+        Ok(outcome)
+    }
+
+    async fn commit_uncounted(
+        &self,
+        mut session: Session,
+        tally: &Tally,
+    ) -> Result<CommitOutcome, SessionError> {
         let now = SystemTime::now();
         if session.destroyed {
-            return self.commit_destroyed(session, now).await;
+            return self.commit_destroyed(session, now, tally).await;
         }
         match std::mem::replace(&mut session.origin, Origin::Fresh) {
             Origin::Fresh if session.record.is_empty() => {
@@ -393,10 +552,11 @@ impl SessionManager {
                 "the cookie named a session that moved",
             )),
             Origin::Stored(stored) if session.cycle_requested => {
-                self.commit_cycled(&mut session, stored, now).await
+                self.commit_cycled(&mut session, stored, now, tally).await
             }
             Origin::Stored(stored) if session.is_modified() => {
-                self.save_with_replay(&mut session, stored, now).await
+                self.save_with_replay(&mut session, stored, now, tally)
+                    .await
             }
             Origin::Stored(stored) => self.touch_if_due(&stored, &session.record, now).await,
         }
@@ -541,6 +701,7 @@ impl SessionManager {
                     return Ok((id, key, version));
                 }
                 Err(StoreError::AlreadyExists) => {
+                    observe::count(self.store.backend(), observe::ID_COLLISIONS, None);
                     tracing::warn!("session id collision; drawing another id");
                 }
                 Err(error) => return Err(error.into()),
@@ -563,6 +724,7 @@ impl SessionManager {
         session: &mut Session,
         stored: StoredSession,
         now: SystemTime,
+        tally: &Tally,
     ) -> Result<CommitOutcome, SessionError> {
         let Some(ttl) = self.write_ttl(&session.record, now) else {
             self.store.delete(&stored.key).await?;
@@ -594,7 +756,9 @@ impl SessionManager {
                     .await;
                 match marked {
                     Ok(()) => return Ok(cycled()),
-                    Err(StoreError::Conflict) => {}
+                    Err(StoreError::Conflict) => {
+                        tally.conflict();
+                    }
                     Err(StoreError::NotFound) => {
                         break 'attempts Ok(
                             self.lost(CommitStatus::Ended, "the session ended during an id cycle")
@@ -631,7 +795,10 @@ impl SessionManager {
                     .carry_over(session, &stored.key, &new_key, new_version, ttl)
                     .await;
                 match carried {
-                    Ok(Carry::Again { old, new }) => (version, new_version) = (old, new),
+                    Ok(Carry::Again { old, new }) => {
+                        self.count_replay(tally);
+                        (version, new_version) = (old, new);
+                    }
                     Ok(Carry::Ours) => return Ok(cycled()),
                     Ok(Carry::Ended) => {
                         break 'attempts Ok(
@@ -756,10 +923,12 @@ impl SessionManager {
         &self,
         mut session: Session,
         now: SystemTime,
+        tally: &Tally,
     ) -> Result<CommitOutcome, SessionError> {
         let status = match std::mem::replace(&mut session.origin, Origin::Fresh) {
             Origin::Stored(stored) => {
-                self.end_session(&stored.key, stored.version).await?;
+                self.end_session(&stored.key, stored.version, tally).await?;
+                observe::count(self.store.backend(), observe::DESTROYS, None);
                 CommitStatus::Destroyed
             }
             // The cookie's id was revoked by an id cycle: it has no power over the session it
@@ -783,14 +952,22 @@ impl SessionManager {
     /// Ends the session loaded under `key` at `version`: deletes it only at the version last
     /// read, so a concurrent cycle cannot slip a move past the delete, and follows any move to
     /// end the session where it went, then removes the markers passed on the way.
-    async fn end_session(&self, key: &StorageKey, version: Version) -> Result<(), SessionError> {
+    async fn end_session(
+        &self,
+        key: &StorageKey,
+        version: Version,
+        tally: &Tally,
+    ) -> Result<(), SessionError> {
         let (mut key, mut version) = (key.clone(), version);
         let mut markers = Vec::new();
         let attempts = self.config.max_conflict_retries;
         for attempt in 1..=attempts {
             match self.store.delete_if_version(&key, version).await {
                 Ok(()) | Err(StoreError::NotFound) => break,
-                Err(StoreError::Conflict) => backoff(attempt).await,
+                Err(StoreError::Conflict) => {
+                    tally.conflict();
+                    backoff(attempt).await;
+                }
                 Err(error) => return Err(error.into()),
             }
             match self.resolve(&key).await? {
@@ -827,6 +1004,7 @@ impl SessionManager {
         session: &mut Session,
         stored: StoredSession,
         now: SystemTime,
+        tally: &Tally,
     ) -> Result<CommitOutcome, SessionError> {
         let attempts = self.config.max_conflict_retries;
         let mut key = stored.key.clone();
@@ -862,6 +1040,7 @@ impl SessionManager {
                     ));
                 }
                 Err(StoreError::Conflict) => {
+                    tally.conflict();
                     tracing::debug!(attempt, "save conflict; replaying onto the newer version");
                     backoff(attempt).await;
                     let Latest::Live {
@@ -878,6 +1057,7 @@ impl SessionManager {
                     key = latest_key;
                     let mut record = loaded.record;
                     let followed = (key != stored.key).then(|| record.clone());
+                    self.count_replay(tally);
                     session.replay_onto(&mut record, self.config.same_key_conflict)?;
                     if let Some(followed) = followed {
                         // A request on the id before a move (a login) never changes the CSRF
@@ -926,6 +1106,12 @@ impl SessionManager {
             self.set_cookie(&stored.id, left, record, now)
         });
         CommitOutcome::new(CommitStatus::Unchanged, cookie)
+    }
+
+    /// Counts a replay of a commit's changes onto a newer version.
+    fn count_replay(&self, tally: &Tally) {
+        tally.replays.fetch_add(1, Ordering::Relaxed);
+        observe::count(self.store.backend(), observe::REPLAYS, None);
     }
 
     fn ended(&self) -> CommitOutcome {

@@ -367,6 +367,13 @@ pub trait SessionStore: Send + Sync {
     /// manager refuses a key prefix that would make keys longer. (No default: a wrapper around
     /// another store must pass its limit on.)
     fn max_key_len(&self) -> Option<usize>;
+
+    /// A short name of the backend, for the `backend` label of the manager's metrics and
+    /// spans (see [`observe`](crate::observe)): `memory`, `memcached`, `redis`. The default is
+    /// `custom`; a wrapper around another store passes its name on.
+    fn backend_name(&self) -> &'static str {
+        "custom"
+    }
 }
 
 macro_rules! forward_store {
@@ -407,6 +414,9 @@ macro_rules! forward_store {
             }
             fn max_key_len(&self) -> Option<usize> {
                 (**self).max_key_len()
+            }
+            fn backend_name(&self) -> &'static str {
+                (**self).backend_name()
             }
         }
     )+};

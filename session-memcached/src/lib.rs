@@ -409,4 +409,8 @@ impl SessionStore for MemcachedStore {
     fn max_key_len(&self) -> Option<usize> {
         Some(MAX_MEMCACHED_KEY_LEN - self.key_prefix.len())
     }
+
+    fn backend_name(&self) -> &'static str {
+        "memcached"
+    }
 }

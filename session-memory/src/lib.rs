@@ -594,4 +594,8 @@ impl SessionStore for MemoryStore {
     fn max_key_len(&self) -> Option<usize> {
         None
     }
+
+    fn backend_name(&self) -> &'static str {
+        "memory"
+    }
 }

@@ -669,4 +669,8 @@ impl SessionStore for RedisStore {
     fn max_key_len(&self) -> Option<usize> {
         None
     }
+
+    fn backend_name(&self) -> &'static str {
+        "redis"
+    }
 }

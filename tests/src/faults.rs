@@ -185,4 +185,8 @@ impl<S: SessionStore + 'static, H: MarkHook> SessionStore for MarkHooked<S, H> {
     fn max_key_len(&self) -> Option<usize> {
         self.inner.max_key_len()
     }
+
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
 }

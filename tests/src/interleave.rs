@@ -257,6 +257,10 @@ impl<S: SessionStore> SessionStore for PausingStore<S> {
     fn max_key_len(&self) -> Option<usize> {
         self.inner.max_key_len()
     }
+
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
 }
 
 /// Picks the request to resume at each choice point.

@@ -159,6 +159,10 @@ impl<S: SessionStore> SessionStore for RecordingStore<S> {
     fn max_key_len(&self) -> Option<usize> {
         self.inner.max_key_len()
     }
+
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
 }
 
 /// Takes one from a countdown of injected failures; whether there was one.

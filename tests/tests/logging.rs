@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use session_core::{KeyRing, SessionConfig, SessionManager, SigningKey};
+use session_core::{KeyPrefix, KeyRing, SessionConfig, SessionManager, SigningKey, StorageKey};
 use session_memory::MemoryStore;
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -32,6 +32,7 @@ fn no_log_line_holds_an_id_or_cookie_value() {
     let captured = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_writer(captured.clone())
         .finish();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -71,9 +72,29 @@ fn no_log_line_holds_an_id_or_cookie_value() {
         logs.contains("session id cycled"),
         "expected debug logs, got:\n{logs}"
     );
+    // Every store call and commit has its span, with what it did.
+    for expected in [
+        "session.load{backend=\"memory\" outcome=\"hit\" elapsed_us=",
+        "session.store{backend=\"memory\" operation=\"save\"",
+        "outcome=\"conflict\"",
+        "conflicts=1 replays=1 status=\"saved\"",
+        "status=\"cycled\"",
+        "status=\"destroyed\"",
+        "elapsed_us=",
+    ] {
+        assert!(logs.contains(expected), "no {expected:?} in:\n{logs}");
+    }
+    let keys = KeyRing::single(SigningKey::new([3u8; 32]).unwrap());
     for cookie in &secrets {
         let (id, tag) = cookie.split_once('.').unwrap();
         assert!(!logs.contains(id), "a raw id reached the logs:\n{logs}");
+        let verified = keys.verify("id", cookie).expect("the cookie verifies");
+        let key = StorageKey::derive(&KeyPrefix::default(), verified.id());
+        let hashed = key.as_str().trim_start_matches("session:");
+        assert!(
+            !logs.contains(hashed),
+            "a storage key reached the logs:\n{logs}"
+        );
         assert!(
             !logs.contains(tag),
             "a cookie tag reached the logs:\n{logs}"
