@@ -88,7 +88,7 @@ fn no_log_line_holds_an_id_or_cookie_value() {
     for cookie in &secrets {
         let (id, tag) = cookie.split_once('.').unwrap();
         assert!(!logs.contains(id), "a raw id reached the logs:\n{logs}");
-        let verified = keys.verify("id", cookie).expect("the cookie verifies");
+        let verified = keys.verify("session", cookie).expect("the cookie verifies");
         let key = StorageKey::derive(&KeyPrefix::default(), verified.id());
         let hashed = key.as_str().trim_start_matches("session:");
         assert!(
