@@ -17,6 +17,11 @@
 //!   serves plain HTTP).
 //!
 //! It prints `listening on http://<address>` once it accepts connections.
+//!
+//! `/metrics` serves the session metrics (see `session_core::observe`) in Prometheus text format,
+//! and `/dashboard` is a page that reads it once a second and shows the counters and a chart of
+//! store-call latency, to watch a load run. (A real deployment would serve `/metrics` on an
+//! address of its own, not to the public.)
 
 use std::error::Error;
 use std::io::Write;
@@ -27,6 +32,7 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use session_core::{
     CookieConfig, KeyRing, SessionConfig, SessionManager, SessionStore, SigningKey,
@@ -66,10 +72,43 @@ fn signing_key() -> Result<SigningKey, Box<dyn Error>> {
     }
 }
 
+/// Store-call latency buckets, in seconds: 50 µs to 5 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    5.0,
+];
+
+/// How often the exporter drains its histograms.
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Installs the Prometheus recorder (with latency buckets, so the histogram renders as one)
+/// and starts its upkeep; the handle renders the text format.
+fn install_metrics() -> Result<PrometheusHandle, Box<dyn Error>> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(session_core::observe::STORE_OPERATION_SECONDS.to_owned()),
+            &LATENCY_BUCKETS,
+        )?
+        .install_recorder()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(METRICS_UPKEEP).await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
 /// The demo's router over `manager`. A request whose session changes could not be written
 /// (its session was logged out or moved by a concurrent request) answers 409 Conflict, the
-/// layer's default, instead of pretending it worked.
-fn app(manager: SessionManager) -> Router {
+/// layer's default, instead of pretending it worked. `/metrics` and `/dashboard` are outside
+/// the session layers.
+fn app(manager: SessionManager, metrics: PrometheusHandle) -> Router {
+    let observed = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/dashboard", get(dashboard))
+        .with_state(metrics);
     Router::new()
         .route("/", get(home))
         .route("/login", get(login_form).post(login))
@@ -77,7 +116,27 @@ fn app(manager: SessionManager) -> Router {
         .route("/logout", axum::routing::post(logout))
         .layer(CsrfLayer::new())
         .layer(SessionLayer::new(manager).lost_writes(LostWrites::Respond(StatusCode::CONFLICT)))
+        .merge(observed)
         .layer(axum::middleware::map_response(no_store))
+}
+
+/// The metrics in Prometheus text format.
+async fn render_metrics(
+    axum::extract::State(metrics): axum::extract::State<PrometheusHandle>,
+) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+        .into_response()
+}
+
+/// A page that polls `/metrics` and shows the counters and a latency chart.
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
 }
 
 /// Every page here is personal: no cache may keep it (or a `Set-Cookie` with it), and Back
@@ -211,6 +270,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let config = SessionConfig::new(KeyRing::single(signing_key()?))
         .cookie(CookieConfig::default().name("demo_session").secure(secure));
     let manager = SessionManager::new(store, config)?;
+    let metrics = install_metrics()?;
 
     let address = std::env::var("SESSION_DEMO_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let listener = tokio::net::TcpListener::bind(&address).await?;
@@ -220,7 +280,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         url.split("://").next().unwrap_or("memory")
     );
     std::io::stdout().flush()?;
-    axum::serve(listener, app(manager))
+    axum::serve(listener, app(manager, metrics))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -545,3 +545,55 @@ fn the_demo_in_a_real_browser_on_memcached() {
     };
     walk_through_the_demo(&format!("memcached://{}", memcached.address()));
 }
+
+/// The demo's `/metrics` counts what a browser did, and `/dashboard` shows it live.
+#[test]
+fn the_dashboard_shows_the_live_counters() {
+    let _one = ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(browser) = Browser::start() else {
+        return;
+    };
+    let demo = Demo::start("memory://");
+
+    // The login form starts a session (a load without a cookie, a create); three home page
+    // views load it (hits) and save the visit count.
+    browser.open(&demo.url("/login"));
+    for _ in 0..3 {
+        browser.open(&demo.url("/"));
+    }
+    assert_eq!(visits(&browser), 3);
+
+    let metrics = ureq::get(&demo.url("/metrics"))
+        .call()
+        .expect("GET /metrics")
+        .into_body()
+        .read_to_string()
+        .expect("a text body");
+    for line in [
+        "session_loads_total{backend=\"memory\",result=\"no_cookie\"} 1",
+        "session_loads_total{backend=\"memory\",result=\"hit\"} 3",
+        "session_creates_total{backend=\"memory\"} 1",
+        "session_saves_total{backend=\"memory\"} 3",
+        "session_store_operation_seconds_count{backend=\"memory\",operation=\"load\"} 3",
+        "session_store_operation_seconds_bucket{backend=\"memory\",operation=\"save\",le=\"+Inf\"} 3",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no line {line:?} in:\n{metrics}"
+        );
+    }
+
+    // The page reads the same counters (scraping makes no session), and after two scrapes
+    // draws the latency of the calls made between them.
+    browser.open(&demo.url("/dashboard"));
+    browser.wait_for_text("#hits", "3");
+    browser.wait_for_text("#creates", "1");
+    browser.wait_for_text("#saves", "3");
+    // New visitors at the login form (each a store call) while the page is open.
+    let drawn = browser.eventually("a latency line", || {
+        ureq::get(&demo.url("/login")).call().expect("GET /login");
+        browser.try_element("#latency polyline")
+    });
+    assert!(!drawn.is_empty());
+    assert_ne!(browser.text("#creates"), "1", "the counters stopped");
+}
