@@ -25,7 +25,8 @@
 //! its copy.
 //!
 //! Standalone connections go through the redis crate's `ConnectionManager`, which reconnects by
-//! itself; a cluster goes through its async cluster connection, which follows slot moves.
+//! itself (and is replaced by a new one when its reconnection fails in a way it would not retry:
+//! a handshake reply cut short); a cluster goes through its async cluster connection, which follows slot moves.
 //! Every operation is bounded by [`RedisConfig::operation_deadline`]: a dead server gives
 //! [`StoreError::Backend`], a hung one [`StoreError::Timeout`].
 //!
@@ -134,7 +135,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, Value};
 use session_core::codec::{DecodeError, FORMAT_MOVED, encode_moved, encode_record_within};
@@ -144,6 +145,7 @@ use session_core::{
 };
 
 mod config;
+mod renewable;
 mod request;
 mod sentinel;
 
@@ -154,6 +156,7 @@ pub use request::NotReplicated;
 pub use sentinel::NoMaster;
 
 use config::{Topology, WaitForReplicas};
+use renewable::RenewableConnection;
 use request::{Request, check_replicated};
 use sentinel::{Failure, SentinelLink};
 
@@ -220,7 +223,7 @@ return 2
 /// A standalone or cluster connection; both are cheap to clone.
 #[derive(Clone)]
 enum Connection {
-    Standalone(ConnectionManager),
+    Standalone(RenewableConnection),
     Cluster(ClusterConnection),
 }
 
@@ -303,7 +306,7 @@ impl RedisStore {
         let backend = match &config.topology {
             Topology::Standalone(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(ConfigError::Client)?;
-                let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
+                let manager = RenewableConnection::new(client, manager_config)
                     .map_err(ConfigError::Client)?;
                 Backend::Direct(Connection::Standalone(manager))
             }

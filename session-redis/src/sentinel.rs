@@ -19,7 +19,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use redis::{RedisConnectionInfo, RedisError};
 use tokio::sync::watch;
@@ -27,6 +27,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::SentinelTopology;
+use crate::renewable::RenewableConnection;
 use crate::request::{Reply, Request, proves_unapplied, suggests_failover};
 
 /// The least time between two re-resolutions.
@@ -36,7 +37,7 @@ pub(crate) const RESOLVE_INTERVAL: Duration = Duration::from_millis(100);
 struct Master {
     /// `host:port`.
     address: String,
-    connection: ConnectionManager,
+    connection: RenewableConnection,
     /// Counts the masters this link has had: a failed operation names the one it used.
     generation: u64,
 }
@@ -226,10 +227,7 @@ impl SentinelLink {
                         if state.master.as_ref().is_some_and(|m| m.address == address) {
                             return;
                         }
-                        match ConnectionManager::new_lazy_with_config(
-                            client,
-                            link.manager_config.clone(),
-                        ) {
+                        match RenewableConnection::new(client, link.manager_config.clone()) {
                             Ok(connection) => {
                                 let generation =
                                     state.master.as_ref().map_or(0, |m| m.generation + 1);

@@ -113,3 +113,46 @@ async fn a_killed_cluster_node_gives_typed_errors_for_its_slots_only() {
         }
     }
 }
+
+/// A reply cut short while the client reconnects (its handshake reply does not parse) must not
+/// leave the store failing every request once the network heals. With redis 1.8's
+/// `ConnectionManager` alone it did: the failed reconnection was kept and answered every later
+/// request at once with the same parse error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_cut_short_during_a_reconnection_leave_no_stuck_connection() {
+    use session_conformance::proxy::{Fault, FaultProxy, Scope, Trigger};
+    let Some(server) = ServerProcess::start(ServerKind::Redis) else {
+        return;
+    };
+    let proxy = FaultProxy::start(server.address().parse().unwrap())
+        .await
+        .unwrap();
+    let config = RedisConfig::standalone(format!("redis://{}", proxy.address()))
+        .connect_timeout(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(300));
+    let store = RedisStore::connect(config).await.unwrap();
+    let key = works(&store).await;
+
+    // Every reply, the reconnection's handshake included, is cut after five bytes.
+    proxy.apply(Fault::Cut, Scope::All, Trigger::AfterReplyBytes(5));
+    let mut failures = 0;
+    for _ in 0..5 {
+        failures += usize::from(store.load(&key).await.is_err());
+    }
+    assert!(failures >= 4, "the cut did not bite: {failures} failures");
+
+    proxy.clear();
+    assert_eq!(
+        load_once_reachable(&store, &key, "after the cut")
+            .await
+            .unwrap()
+            .record,
+        tagged("saved")
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            store.load(&key).await.unwrap().unwrap().record,
+            tagged("saved")
+        );
+    }
+}
