@@ -1,0 +1,855 @@
+//! The soak run: mixed traffic through the tower layer on each backend for a bounded time, with
+//! network faults injected every few seconds, watching this process's memory and descriptors.
+//!
+//! ```text
+//! soak [--seconds N] [--users N] [--out DIR] [memory] [memcached] [redis]
+//! ```
+//!
+//! Each backend runs for `--seconds` (default 600). Virtual users, each with a cookie jar, send
+//! requests to an axum router behind `SessionLayer` (in process, through `tower::ServiceExt`):
+//! increments of a counter (one at a time, and pairs at once on the same session), reads of it,
+//! logins (which cycle the id), logouts, and new visitors. memcached and Redis are real
+//! servers started on loopback, reached through the fault proxy of the test crate, which every
+//! five seconds takes one fault for two seconds, in turn: latency, a hang, resets and cuts
+//! mid-reply, one byte at a time, a bandwidth limit.
+//!
+//! Every second it samples the resident set size, the open descriptors and the requests done.
+//! It fails, and exits 1, when
+//! - an acknowledged increment is missing from a later read (a lost update), or a read shows
+//!   more than was sent (a phantom update);
+//! - a cookie whose session was logged out, or moved away by a login, loads a session with data
+//!   (a resurrection);
+//! - after the warm-up (the first quarter), the resident set grows: the least-squares slope
+//!   over the rest of the run, times its length, exceeds 5% of the mean or 4 MiB, whichever is
+//!   more; or the descriptors end more than 16 above their level after the warm-up.
+//!
+//! It writes each backend's samples to `DIR/soak-<backend>.csv`, a chart of all of them to
+//! `DIR/soak.svg` and a summary to `DIR/soak.md` (`DIR` defaults to `target/soak`).
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::{get, post};
+use http::{Request, StatusCode, header};
+use session_conformance::harness::{ServerKind, ServerProcess};
+use session_conformance::proxy::{Fault, FaultProxy, Scope, Trigger};
+use session_core::{KeyRing, SessionConfig, SessionManager, SessionStore, SigningKey};
+use session_memcached::{MemcachedConfig, MemcachedStore};
+use session_memory::MemoryStore;
+use session_redis::{RedisConfig, RedisStore};
+use session_tower::{Session, SessionFailure, SessionLayer};
+use tower::ServiceExt;
+
+const COOKIE: &str = "soak";
+
+/// The faults taken in turn, each for [`FAULT_LENGTH`] every [`FAULT_EVERY`].
+const FAULTS: [(&str, Fault, Trigger); 7] = [
+    (
+        "latency 20ms",
+        Fault::Latency(Duration::from_millis(20)),
+        Trigger::Now,
+    ),
+    ("hang", Fault::Hang, Trigger::Now),
+    ("reset mid-reply", Fault::Reset, Trigger::AfterReplyBytes(3)),
+    ("cut mid-reply", Fault::Cut, Trigger::AfterReplyBytes(5)),
+    (
+        "one byte at a time",
+        Fault::Trickle(Duration::from_micros(200)),
+        Trigger::Now,
+    ),
+    ("64 KB/s", Fault::Bandwidth(64 * 1024), Trigger::Now),
+    (
+        "latency 400ms",
+        Fault::Latency(Duration::from_millis(400)),
+        Trigger::Now,
+    ),
+];
+const FAULT_EVERY: Duration = Duration::from_secs(5);
+const FAULT_LENGTH: Duration = Duration::from_secs(2);
+
+/// One second's sample.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    second: u64,
+    rss_kib: u64,
+    descriptors: u64,
+    requests: u64,
+    failures: u64,
+    fault: Option<usize>,
+}
+
+/// What the users found.
+#[derive(Default)]
+struct Tally {
+    requests: AtomicU64,
+    failures: AtomicU64,
+    acknowledged: AtomicU64,
+    lost_updates: AtomicU64,
+    phantom_updates: AtomicU64,
+    resurrections: AtomicU64,
+    dead_cookies_probed: AtomicU64,
+    reads_checked: AtomicU64,
+    /// The fault in force (an index into [`FAULTS`]), or `u64::MAX`.
+    fault_now: AtomicU64,
+}
+
+impl Tally {
+    /// The fault in force now, for a finding's message.
+    fn fault(&self) -> &'static str {
+        usize::try_from(self.fault_now.load(Ordering::Relaxed))
+            .ok()
+            .and_then(|f| FAULTS.get(f))
+            .map_or("no fault", |f| f.0)
+    }
+}
+
+struct Args {
+    seconds: u64,
+    users: usize,
+    out: PathBuf,
+    backends: Vec<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        seconds: 600,
+        users: 32,
+        out: PathBuf::from("target/soak"),
+        backends: Vec::new(),
+    };
+    let mut given = std::env::args().skip(1);
+    while let Some(arg) = given.next() {
+        let mut value = |name: &str| given.next().ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            "--seconds" => {
+                args.seconds = value("--seconds")?
+                    .parse()
+                    .map_err(|e| format!("--seconds: {e}"))?;
+            }
+            "--users" => {
+                args.users = value("--users")?
+                    .parse()
+                    .map_err(|e| format!("--users: {e}"))?;
+            }
+            "--out" => args.out = PathBuf::from(value("--out")?),
+            "memory" | "memcached" | "redis" => args.backends.push(arg),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if args.backends.is_empty() {
+        args.backends = vec!["memory".into(), "memcached".into(), "redis".into()];
+    }
+    if args.seconds < 20 {
+        return Err("--seconds must be at least 20".into());
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(error) => {
+            eprintln!("soak: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    if let Err(error) = std::fs::create_dir_all(&args.out) {
+        eprintln!("soak: cannot create {}: {error}", args.out.display());
+        return ExitCode::from(2);
+    }
+    let mut runs = Vec::new();
+    let mut failed = false;
+    for backend in &args.backends {
+        match runtime.block_on(soak_backend(backend, &args)) {
+            Ok(run) => {
+                failed |= !run.verdict.is_empty();
+                runs.push(run);
+            }
+            Err(error) => {
+                eprintln!("soak {backend}: could not run: {error}");
+                failed = true;
+            }
+        }
+    }
+    if let Err(error) = write_outputs(&args.out, &runs) {
+        eprintln!("soak: writing results: {error}");
+        failed = true;
+    }
+    if failed {
+        eprintln!("soak: FAILED");
+        ExitCode::FAILURE
+    } else {
+        println!("soak: passed");
+        ExitCode::SUCCESS
+    }
+}
+
+/// One backend's run.
+struct Run {
+    backend: String,
+    samples: Vec<Sample>,
+    summary: String,
+    /// Empty when the run passed; else why not.
+    verdict: Vec<String>,
+}
+
+async fn soak_backend(backend: &str, args: &Args) -> Result<Run, String> {
+    let (server, proxy) = match backend {
+        "memory" => (None, None),
+        kind => {
+            let kind = if kind == "memcached" {
+                ServerKind::Memcached
+            } else {
+                ServerKind::Redis
+            };
+            let server = ServerProcess::start(kind).ok_or(format!("{backend} is not installed"))?;
+            let upstream = server
+                .address()
+                .parse()
+                .map_err(|e| format!("server address: {e}"))?;
+            let proxy = FaultProxy::start(upstream)
+                .await
+                .map_err(|e| format!("starting the fault proxy: {e}"))?;
+            (Some(server), Some(proxy))
+        }
+    };
+    let store: Arc<dyn SessionStore> = match (backend, &proxy) {
+        // Room for every session and marker the run makes: eviction (by design) would lose
+        // sessions, which is not what this run looks for.
+        ("memory", _) => Arc::new(MemoryStore::builder().max_sessions(2_000_000).build()),
+        ("memcached", Some(proxy)) => Arc::new(
+            MemcachedStore::connect(
+                MemcachedConfig::new([proxy.address().to_string()])
+                    .connect_timeout(Duration::from_millis(200))
+                    .io_timeout(Duration::from_millis(300)),
+            )
+            .await
+            .map_err(|e| format!("connecting to memcached: {e}"))?,
+        ),
+        (_, Some(proxy)) => Arc::new(
+            RedisStore::connect(
+                RedisConfig::standalone(format!("redis://{}", proxy.address()))
+                    .connect_timeout(Duration::from_millis(200))
+                    .response_timeout(Duration::from_millis(300)),
+            )
+            .await
+            .map_err(|e| format!("connecting to redis: {e}"))?,
+        ),
+        _ => unreachable!("a network backend has a proxy"),
+    };
+    let run_for = Duration::from_secs(args.seconds);
+    let keys = KeyRing::single(SigningKey::new([42u8; 32]).expect("a 32-byte key"));
+    // Sessions left behind by visitors, and the markers logins leave, expire within the
+    // warm-up, so the store reaches its steady size before memory is judged.
+    let idle = (run_for / 8).clamp(Duration::from_secs(5), Duration::from_secs(60));
+    let config = SessionConfig::new(keys)
+        .idle_timeout(idle)
+        .moved_marker_ttl(idle)
+        .cookie(session_core::CookieConfig::default().name(COOKIE));
+    let manager = SessionManager::new(store, config).map_err(|e| e.to_string())?;
+    let app = Router::new()
+        .route("/count", get(count))
+        .route("/increment", post(increment))
+        .route("/login", post(login))
+        .route("/logout", post(logout))
+        .layer(SessionLayer::new(manager));
+
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut users = Vec::new();
+    for user in 0..args.users {
+        users.push(tokio::spawn(run_user(
+            app.clone(),
+            Arc::clone(&tally),
+            Arc::clone(&stop),
+            0x9e37_79b9_7f4a_7c15 ^ (user as u64 + 1),
+        )));
+    }
+    let faults = proxy.map(|proxy| {
+        let stop = Arc::clone(&stop);
+        let tally = Arc::clone(&tally);
+        tokio::spawn(async move {
+            let mut next = 0;
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(FAULT_EVERY - FAULT_LENGTH).await;
+                let (_, fault, trigger) = FAULTS[next % FAULTS.len()];
+                tally
+                    .fault_now
+                    .store((next % FAULTS.len()) as u64, Ordering::Relaxed);
+                proxy.apply(fault, Scope::All, trigger);
+                tokio::time::sleep(FAULT_LENGTH).await;
+                proxy.clear();
+                tally.fault_now.store(u64::MAX, Ordering::Relaxed);
+                next += 1;
+            }
+            proxy
+        })
+    });
+
+    let mut samples = Vec::new();
+    let (mut last_requests, mut last_failures) = (0, 0);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    let mut second = 0;
+    while started.elapsed() < run_for {
+        ticker.tick().await;
+        second += 1;
+        let requests = tally.requests.load(Ordering::Relaxed);
+        let failures = tally.failures.load(Ordering::Relaxed);
+        let fault = tally.fault_now.load(Ordering::Relaxed);
+        samples.push(Sample {
+            second,
+            rss_kib: resident_kib(),
+            descriptors: open_descriptors(),
+            requests: requests - last_requests,
+            failures: failures - last_failures,
+            fault: usize::try_from(fault).ok().filter(|f| *f < FAULTS.len()),
+        });
+        (last_requests, last_failures) = (requests, failures);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for user in users {
+        user.await.map_err(|e| format!("a user task failed: {e}"))?;
+    }
+    if let Some(faults) = faults {
+        faults
+            .await
+            .map_err(|e| format!("the fault task failed: {e}"))?;
+    }
+    drop(server);
+    Ok(judge(backend, samples, &tally))
+}
+
+/// Checks the run's findings and its memory and descriptors after the warm-up.
+fn judge(backend: &str, samples: Vec<Sample>, tally: &Tally) -> Run {
+    let mut verdict = Vec::new();
+    let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    for (what, found) in [
+        ("lost updates", count(&tally.lost_updates)),
+        ("phantom updates", count(&tally.phantom_updates)),
+        ("resurrections", count(&tally.resurrections)),
+    ] {
+        if found > 0 {
+            verdict.push(format!("{found} {what}"));
+        }
+    }
+    let settled = &samples[samples.len() / 4..];
+    let points: Vec<(f64, f64)> = settled
+        .iter()
+        .map(|s| (s.second as f64, s.rss_kib as f64))
+        .collect();
+    let slope_kib_per_s = least_squares_slope(&points);
+    let mean_kib = points.iter().map(|p| p.1).sum::<f64>() / points.len().max(1) as f64;
+    let span_s = settled.len() as f64;
+    let growth_kib = slope_kib_per_s * span_s;
+    let allowed_kib = (mean_kib * 0.05).max(4096.0);
+    if growth_kib > allowed_kib {
+        verdict.push(format!(
+            "resident memory grows {:.0} KiB/min ({growth_kib:.0} KiB over the settled run, \
+             {allowed_kib:.0} allowed)",
+            slope_kib_per_s * 60.0
+        ));
+    }
+    let tenth = (settled.len() / 10).max(1);
+    let early_fds = settled[..tenth]
+        .iter()
+        .map(|s| s.descriptors)
+        .max()
+        .unwrap_or(0);
+    let late_fds = settled[settled.len() - tenth..]
+        .iter()
+        .map(|s| s.descriptors)
+        .max()
+        .unwrap_or(0);
+    if late_fds > early_fds + 16 {
+        verdict.push(format!(
+            "open descriptors grow from {early_fds} to {late_fds}"
+        ));
+    }
+    let fd_points: Vec<(f64, f64)> = settled
+        .iter()
+        .map(|s| (s.second as f64, s.descriptors as f64))
+        .collect();
+    let requests: u64 = samples.iter().map(|s| s.requests).sum();
+    let failures: u64 = samples.iter().map(|s| s.failures).sum();
+    let summary = format!(
+        "| {backend} | {} s | {requests} | {:.0} | {failures} | {} | {} | {} | {} | {} | {:.0} MiB | {:+.1} KiB/min | {early_fds} → {late_fds} ({:+.2}/min) | {} |",
+        samples.len(),
+        requests as f64 / samples.len().max(1) as f64,
+        count(&tally.acknowledged),
+        count(&tally.reads_checked),
+        count(&tally.lost_updates),
+        count(&tally.resurrections),
+        count(&tally.dead_cookies_probed),
+        mean_kib / 1024.0,
+        slope_kib_per_s * 60.0,
+        least_squares_slope(&fd_points) * 60.0,
+        if verdict.is_empty() {
+            "pass".to_owned()
+        } else {
+            verdict.join("; ")
+        },
+    );
+    println!("{summary}");
+    Run {
+        backend: backend.to_owned(),
+        samples,
+        summary,
+        verdict,
+    }
+}
+
+fn least_squares_slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let (mut covariance, mut variance) = (0.0, 0.0);
+    for (x, y) in points {
+        covariance += (x - mean_x) * (y - mean_y);
+        variance += (x - mean_x) * (x - mean_x);
+    }
+    if variance == 0.0 {
+        0.0
+    } else {
+        covariance / variance
+    }
+}
+
+/// This process's resident set size, from `/proc/self/status`.
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// How many descriptors this process has open.
+fn open_descriptors() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |entries| entries.count() as u64)
+}
+
+// The application under soak.
+
+async fn count(session: Session) -> Result<String, SessionFailure> {
+    Ok(session.get::<u64>("n").await?.unwrap_or(0).to_string())
+}
+
+async fn increment(session: Session) -> Result<String, SessionFailure> {
+    let n = session
+        .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await?;
+    Ok(n.to_string())
+}
+
+async fn login(session: Session) -> Result<&'static str, SessionFailure> {
+    session.insert("user", "soak").await?;
+    session.cycle_id().await?;
+    Ok("in")
+}
+
+async fn logout(session: Session) -> Result<&'static str, SessionFailure> {
+    session.destroy().await?;
+    Ok("out")
+}
+
+// The users.
+
+/// A small xorshift generator: each user draws its own actions.
+struct Draw(u64);
+
+impl Draw {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// One user's view of its session: increments acknowledged (a 200 answer) and increments whose
+/// outcome is unknown (an error answer: the write may have landed).
+struct Jar {
+    cookie: Option<String>,
+    acknowledged: u64,
+    unknown: u64,
+    /// A logout failed without an answer: the session may have ended (so a read may find a
+    /// new one), or not.
+    maybe_ended: bool,
+    /// Cookies whose sessions were logged out or moved away by a login: they must load nothing.
+    dead: VecDeque<String>,
+    /// The last requests and their answers, printed with a finding.
+    history: VecDeque<String>,
+}
+
+/// An answer: status, body, and the cookie it set (`Some("")` for a removal).
+struct Answer {
+    status: StatusCode,
+    body: String,
+    set_cookie: Option<String>,
+}
+
+async fn send(app: &Router, method: &str, path: &str, cookie: Option<&str>) -> Answer {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(cookie) = cookie {
+        request = request.header(header::COOKIE, format!("{COOKIE}={cookie}"));
+    }
+    let request = request.body(Body::empty()).expect("a valid request");
+    let response = app
+        .clone()
+        .oneshot(request)
+        .await
+        .expect("the router is infallible");
+    let status = response.status();
+    let set_cookie = response
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .find_map(|value| {
+            let pair = value.split(';').next()?;
+            let (name, value) = pair.split_once('=')?;
+            (name.trim() == COOKIE).then(|| value.trim().to_owned())
+        });
+    let body = axum::body::to_bytes(response.into_body(), 1024)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    Answer {
+        status,
+        body,
+        set_cookie,
+    }
+}
+
+impl Jar {
+    fn take(&mut self, answer: &Answer) {
+        let tail = |c: &Option<String>| {
+            c.as_deref()
+                .map_or("-".to_owned(), |c| c.chars().take(6).collect())
+        };
+        self.history.push_back(format!(
+            "{} {:?} cookie {} set {} ack {} unknown {}",
+            answer.status.as_u16(),
+            answer.body,
+            tail(&self.cookie),
+            tail(&answer.set_cookie),
+            self.acknowledged,
+            self.unknown
+        ));
+        if self.history.len() > 12 {
+            self.history.pop_front();
+        }
+        if let Some(cookie) = &answer.set_cookie {
+            self.cookie = (!cookie.is_empty()).then(|| cookie.clone());
+        }
+    }
+
+    /// A new session (or none): nothing acknowledged or pending.
+    fn reset(&mut self) {
+        self.acknowledged = 0;
+        self.unknown = 0;
+        self.maybe_ended = false;
+    }
+
+    fn bury(&mut self, cookie: String) {
+        self.dead.push_back(cookie);
+        if self.dead.len() > 4 {
+            self.dead.pop_front();
+        }
+    }
+
+    /// Checks a count read from the session against what was sent. An increment whose answer
+    /// was lost may still land later (a write delayed in the network, past its timeout), until
+    /// an acknowledged write changes the version it was sent against: so a read accounts for
+    /// those that landed, and the rest stay possible until the next acknowledged increment.
+    fn check(&mut self, n: u64, settled: bool, tally: &Tally) {
+        tally.reads_checked.fetch_add(1, Ordering::Relaxed);
+        let before = (self.acknowledged, self.unknown);
+        if n < self.acknowledged && self.maybe_ended {
+            // The logout whose answer was lost did land: this is a new session.
+        } else if n < self.acknowledged {
+            tally
+                .lost_updates
+                .fetch_add(self.acknowledged - n, Ordering::Relaxed);
+            eprintln!(
+                "lost update: read {n} after {} acknowledged increments ({})",
+                self.acknowledged,
+                tally.fault()
+            );
+        } else if n > self.acknowledged + self.unknown {
+            tally.phantom_updates.fetch_add(1, Ordering::Relaxed);
+            eprintln!(
+                "phantom update: read {n} after {} acknowledged and {} unknown increments ({}, {})",
+                self.acknowledged,
+                self.unknown,
+                if settled { "an increment" } else { "a read" },
+                tally.fault()
+            );
+        }
+        if n < before.0.min(self.acknowledged) || n > self.acknowledged + self.unknown {
+            eprintln!("  history: {:#?}", self.history);
+        }
+        let landed = n.saturating_sub(self.acknowledged);
+        self.unknown = if settled {
+            0
+        } else {
+            self.unknown.saturating_sub(landed)
+        };
+        self.acknowledged = n;
+        self.maybe_ended = false;
+    }
+}
+
+async fn run_user(app: Router, tally: Arc<Tally>, stop: Arc<AtomicBool>, seed: u64) {
+    let mut draw = Draw(seed);
+    let mut jar = Jar {
+        cookie: None,
+        acknowledged: 0,
+        unknown: 0,
+        maybe_ended: false,
+        dead: VecDeque::new(),
+        history: VecDeque::new(),
+    };
+    let counted = |answer: &Answer| {
+        tally.requests.fetch_add(1, Ordering::Relaxed);
+        if !answer.status.is_success() {
+            tally.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        match draw.below(100) {
+            // One increment.
+            0..=59 => {
+                let answer = send(&app, "POST", "/increment", jar.cookie.as_deref()).await;
+                counted(&answer);
+                jar.take(&answer);
+                if answer.status == StatusCode::OK {
+                    tally.acknowledged.fetch_add(1, Ordering::Relaxed);
+                    let n: u64 = answer.body.parse().unwrap_or(0);
+                    // Nothing else runs on this session now: the answer is the whole count.
+                    jar.acknowledged += 1;
+                    jar.check(n, true, &tally);
+                } else {
+                    jar.unknown += 1;
+                }
+            }
+            // Two increments at once on the same session (only once it exists).
+            60..=69 if jar.cookie.is_some() => {
+                let cookie = jar.cookie.clone();
+                let (a, b) = tokio::join!(
+                    send(&app, "POST", "/increment", cookie.as_deref()),
+                    send(&app, "POST", "/increment", cookie.as_deref())
+                );
+                for answer in [&a, &b] {
+                    counted(answer);
+                    jar.take(answer);
+                    if answer.status == StatusCode::OK {
+                        tally.acknowledged.fetch_add(1, Ordering::Relaxed);
+                        jar.acknowledged += 1;
+                    } else {
+                        jar.unknown += 1;
+                    }
+                }
+            }
+            // A read.
+            70..=84 => {
+                let answer = send(&app, "GET", "/count", jar.cookie.as_deref()).await;
+                counted(&answer);
+                jar.take(&answer);
+                if answer.status == StatusCode::OK {
+                    let n = answer.body.parse().unwrap_or(u64::MAX);
+                    jar.check(n, false, &tally);
+                }
+            }
+            // A login: the id cycles, the count goes along.
+            85..=89 if jar.cookie.is_some() => {
+                let old = jar.cookie.clone();
+                let answer = send(&app, "POST", "/login", old.as_deref()).await;
+                counted(&answer);
+                jar.take(&answer);
+                if answer.status == StatusCode::OK && jar.cookie != old {
+                    if let Some(old) = old {
+                        jar.bury(old);
+                    }
+                }
+            }
+            // A logout.
+            90..=92 if jar.cookie.is_some() => {
+                let old = jar.cookie.clone();
+                let answer = send(&app, "POST", "/logout", old.as_deref()).await;
+                counted(&answer);
+                jar.take(&answer);
+                if answer.status == StatusCode::OK {
+                    if let Some(old) = old {
+                        jar.bury(old);
+                    }
+                    jar.cookie = None;
+                    jar.reset();
+                } else {
+                    jar.maybe_ended = true;
+                }
+            }
+            // A dead cookie comes back (a stolen one, or an old tab).
+            93..=96 if !jar.dead.is_empty() => {
+                let dead = jar.dead[draw.below(jar.dead.len() as u64) as usize].clone();
+                let answer = send(&app, "GET", "/count", Some(&dead)).await;
+                counted(&answer);
+                if answer.status == StatusCode::OK {
+                    tally.dead_cookies_probed.fetch_add(1, Ordering::Relaxed);
+                    if answer.body != "0" {
+                        tally.resurrections.fetch_add(1, Ordering::Relaxed);
+                        eprintln!(
+                            "resurrection: a dead cookie loaded a count of {} ({})",
+                            answer.body,
+                            tally.fault()
+                        );
+                    }
+                }
+            }
+            // A new visitor in this user's place.
+            _ => {
+                jar.cookie = None;
+                jar.reset();
+            }
+        }
+    }
+}
+
+// The outputs.
+
+fn write_outputs(out: &Path, runs: &[Run]) -> std::io::Result<()> {
+    for run in runs {
+        let mut csv = String::from("second,rss_kib,descriptors,requests,failures,fault\n");
+        for s in &run.samples {
+            let fault = s.fault.map_or("", |f| FAULTS[f].0);
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{},{fault}",
+                s.second, s.rss_kib, s.descriptors, s.requests, s.failures
+            );
+        }
+        std::fs::write(out.join(format!("soak-{}.csv", run.backend)), csv)?;
+    }
+    let mut summary = String::from(
+        "| backend | length | requests | per second | failed | acknowledged increments | reads checked | lost updates | resurrections | dead cookies tried | mean RSS | RSS slope after warm-up | descriptors (slope) | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for run in runs {
+        summary.push_str(&run.summary);
+        summary.push('\n');
+    }
+    std::fs::write(out.join("soak.md"), summary)?;
+    std::fs::write(out.join("soak.svg"), chart(runs))
+}
+
+/// One panel per backend: resident memory (MiB, left scale) and requests per second (right
+/// scale) over time, with the fault windows shaded.
+fn chart(runs: &[Run]) -> String {
+    const WIDTH: f64 = 760.0;
+    const PANEL: f64 = 170.0;
+    const LEFT: f64 = 60.0;
+    const RIGHT: f64 = 60.0;
+    let height = PANEL * runs.len() as f64 + 30.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    for (i, run) in runs.iter().enumerate() {
+        let top = 20.0 + PANEL * i as f64;
+        let plot_h = PANEL - 50.0;
+        let plot_w = WIDTH - LEFT - RIGHT;
+        let n = run.samples.len().max(2) as f64;
+        let x = |second: u64| LEFT + (second as f64 - 1.0) / (n - 1.0) * plot_w;
+        let max_rss = run.samples.iter().map(|s| s.rss_kib).max().unwrap_or(1) as f64 / 1024.0;
+        let rss_top = (max_rss * 1.2).max(1.0);
+        let max_rps = run
+            .samples
+            .iter()
+            .map(|s| s.requests)
+            .max()
+            .unwrap_or(1)
+            .max(1) as f64
+            * 1.1;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{LEFT}\" y=\"{}\" font-weight=\"bold\">{}: resident memory (MiB, blue, left) and requests/s (grey, right); faults shaded</text>",
+            top + 2.0,
+            run.backend
+        );
+        let plot_top = top + 12.0;
+        for s in run.samples.iter().filter(|s| s.fault.is_some()) {
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{:.1}\" y=\"{plot_top:.1}\" width=\"{:.1}\" height=\"{plot_h}\" fill=\"#f3d9d9\"/>",
+                x(s.second),
+                plot_w / n
+            );
+        }
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{LEFT}\" y=\"{plot_top:.1}\" width=\"{plot_w}\" height=\"{plot_h}\" fill=\"none\" stroke=\"#999\"/>"
+        );
+        let line = |value: &dyn Fn(&Sample) -> f64, top_value: f64| {
+            run.samples
+                .iter()
+                .map(|s| {
+                    let y = plot_top + plot_h - value(s) / top_value * plot_h;
+                    format!("{:.1},{:.1}", x(s.second), y)
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let _ = writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"#999\" stroke-width=\"1\" points=\"{}\"/>",
+            line(&|s| s.requests as f64, max_rps)
+        );
+        let _ = writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"#1f5fbf\" stroke-width=\"2\" points=\"{}\"/>",
+            line(&|s| s.rss_kib as f64 / 1024.0, rss_top)
+        );
+        let bottom = plot_top + plot_h;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#1f5fbf\">{rss_top:.0}</text>\
+             <text x=\"{:.1}\" y=\"{bottom:.1}\" text-anchor=\"end\" fill=\"#1f5fbf\">0</text>\
+             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"#666\">{max_rps:.0}</text>\
+             <text x=\"{:.1}\" y=\"{bottom:.1}\" fill=\"#666\">0</text>\
+             <text x=\"{LEFT}\" y=\"{:.1}\">0 s</text>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{} s</text>",
+            LEFT - 4.0,
+            plot_top + 10.0,
+            LEFT - 4.0,
+            WIDTH - RIGHT + 4.0,
+            plot_top + 10.0,
+            WIDTH - RIGHT + 4.0,
+            bottom + 14.0,
+            WIDTH - RIGHT,
+            bottom + 14.0,
+            run.samples.len()
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
