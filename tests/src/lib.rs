@@ -25,6 +25,7 @@ pub mod faults;
 pub mod harness;
 pub mod interleave;
 pub mod model;
+pub mod proxy;
 pub mod recording;
 
 /// A storage key for a new random session id under the default prefix.
