@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use session_conformance::faults::{is_backend_or_timeout, works};
+use session_conformance::faults::{TTL, is_backend_or_timeout, tagged, works};
 use session_conformance::harness::{ServerKind, ServerProcess};
 use session_conformance::network::{self, Target};
 use session_conformance::new_key;
@@ -150,4 +150,31 @@ async fn a_handshake_reply_cut_short_does_not_stop_the_store_for_good() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     works(store).await;
+}
+
+/// A write on a server that does not have the store's script yet (a fresh or restarted
+/// server, a promoted replica, after `SCRIPT FLUSH`) takes three round trips: `EVALSHA`
+/// answered `NOSCRIPT`, `SCRIPT LOAD`, `EVALSHA` again, each with the full response timeout.
+/// `operation_deadline()` counts one request and one reconnection, so such a write can take
+/// longer than the deadline the store documents (up to three response timeouts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "store bug: a write that reloads its script makes three round trips, and can take \
+            longer than operation_deadline(), which counts one"]
+async fn a_write_that_loads_its_script_stays_within_the_deadline() {
+    let Some(target) = target().await else { return };
+    let (store, proxy) = (&target.store, &target.proxy);
+    let key = new_key();
+    // A create is a plain SET: the script is not loaded yet.
+    let version = store.create(&key, &tagged("a"), TTL).await.unwrap();
+    // Each round trip takes at least 240 ms, under the 300 ms response timeout.
+    proxy.set(Fault::Latency(RESPONSE_TIMEOUT * 2 / 5));
+    let started = std::time::Instant::now();
+    store.save(&key, &tagged("b"), TTL, version).await.unwrap();
+    let elapsed = started.elapsed();
+    // 100 ms for scheduling; three round trips take at least 720 ms.
+    assert!(
+        elapsed <= target.deadline + Duration::from_millis(100),
+        "the save took {elapsed:?}, the store's deadline is {:?}",
+        target.deadline
+    );
 }
