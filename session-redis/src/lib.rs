@@ -404,7 +404,8 @@ impl RedisStore {
     ) -> Result<(T, Option<i64>), StoreError> {
         let reply = match &self.backend {
             Backend::Direct(connection) => {
-                let outcome = request.send(&mut connection.clone()).await;
+                let deadline = tokio::time::Instant::now() + self.deadline;
+                let outcome = request.send(&mut connection.clone(), deadline).await;
                 outcome.map_err(|error| self.redis_error(operation, error))?
             }
             Backend::Sentinel(link) => {

@@ -69,14 +69,23 @@ impl<'a> Request<'a> {
         request
     }
 
-    /// Sends the request on `connection` and waits for its reply.
-    pub(crate) async fn send<C: ConnectionLike>(&self, connection: &mut C) -> RedisResult<Reply> {
+    /// Sends the request on `connection` and waits for its reply. The client bounds the round
+    /// trip; a script the server did not have costs two more (`SCRIPT LOAD`, then the script
+    /// again), and those must end by `deadline`, else the request fails as timed out.
+    pub(crate) async fn send<C: ConnectionLike>(
+        &self,
+        connection: &mut C,
+        deadline: tokio::time::Instant,
+    ) -> RedisResult<Reply> {
         match &self.with_wait {
             None => {
                 let mut reply = connection.req_packed_command(&self.command).await?;
                 if self.needs_load(&reply) {
-                    self.load(connection).await?;
-                    reply = connection.req_packed_command(&self.command).await?;
+                    reply = self
+                        .load_and_resend(connection, deadline, |c| {
+                            c.req_packed_command(&self.command)
+                        })
+                        .await?;
                 }
                 Ok(Reply {
                     value: reply.extract_error()?,
@@ -87,8 +96,11 @@ impl<'a> Request<'a> {
                 let mut replies = connection.req_packed_commands(pipeline, 0, 2).await?;
                 if replies.first().is_some_and(|reply| self.needs_load(reply)) {
                     // NOSCRIPT: the script did not run, so nothing was written; load and resend.
-                    self.load(connection).await?;
-                    replies = connection.req_packed_commands(pipeline, 0, 2).await?;
+                    replies = self
+                        .load_and_resend(connection, deadline, |c| {
+                            c.req_packed_commands(pipeline, 0, 2)
+                        })
+                        .await?;
                 }
                 let mut replies = replies.into_iter();
                 let (Some(value), Some(acknowledged)) = (replies.next(), replies.next()) else {
@@ -105,6 +117,27 @@ impl<'a> Request<'a> {
                 })
             }
         }
+    }
+
+    /// After `NOSCRIPT`: loads the script and sends the request again with `resend`, all by
+    /// `deadline`.
+    async fn load_and_resend<'c, C: ConnectionLike, T>(
+        &self,
+        connection: &'c mut C,
+        deadline: tokio::time::Instant,
+        resend: impl FnOnce(&'c mut C) -> redis::RedisFuture<'c, T>,
+    ) -> RedisResult<T> {
+        let again = async {
+            self.load(connection).await?;
+            resend(connection).await
+        };
+        tokio::time::timeout_at(deadline, again)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RedisError::from(std::io::Error::from(
+                    std::io::ErrorKind::TimedOut,
+                )))
+            })
     }
 
     fn needs_load(&self, reply: &Value) -> bool {

@@ -120,14 +120,16 @@ impl SentinelLink {
                 }
             })?,
         };
-        let error =
-            match tokio::time::timeout_at(deadline, request.send(&mut master.connection.clone()))
-                .await
-            {
-                Ok(Ok(reply)) => return Ok(reply),
-                Ok(Err(error)) => error,
-                Err(_) => return Err(self.deadline_passed(&master)),
-            };
+        let error = match tokio::time::timeout_at(
+            deadline,
+            request.send(&mut master.connection.clone(), deadline),
+        )
+        .await
+        {
+            Ok(Ok(reply)) => return Ok(reply),
+            Ok(Err(error)) => error,
+            Err(_) => return Err(self.deadline_passed(&master)),
+        };
         if !suggests_failover(&error) {
             return Err(Failure::Redis(error));
         }
@@ -138,7 +140,12 @@ impl SentinelLink {
         if !retry_is_safe {
             return Err(Failure::Redis(error));
         }
-        match tokio::time::timeout_at(deadline, request.send(&mut next.connection.clone())).await {
+        match tokio::time::timeout_at(
+            deadline,
+            request.send(&mut next.connection.clone(), deadline),
+        )
+        .await
+        {
             Ok(outcome) => outcome.map_err(Failure::Redis),
             Err(_) => Err(Failure::Deadline),
         }

@@ -25,6 +25,7 @@ pub mod faults;
 pub mod harness;
 pub mod interleave;
 pub mod model;
+pub mod network;
 pub mod proxy;
 pub mod recording;
 

@@ -33,15 +33,17 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
 
 /// What the proxy does to a connection's bytes while the fault is in force.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// Forward every chunk as it comes.
     None,
-    /// Hold each chunk this long before forwarding it, in both directions.
+    /// Forward each chunk this long after it arrived, in both directions (a long wire: chunks
+    /// in flight are delayed side by side, not one after another).
     Latency(Duration),
     /// Forward nothing more in either direction, and read nothing, while keeping both sockets
     /// open (a peer that stopped answering), until the fault changes.
@@ -53,7 +55,9 @@ pub enum Fault {
     /// When the next reply byte arrives, forward nothing more and close both sides with `FIN`
     /// (a reply cut short). Requests still go through.
     Cut,
-    /// Forward one byte at a time, each after this delay, in both directions.
+    /// Forward one byte per write, each after this delay, in both directions (with
+    /// `Duration::ZERO`, as fast as the proxy goes: the peer reads the bytes in whatever
+    /// pieces they gather into).
     Trickle(Duration),
     /// At most this many bytes per second in each direction of each connection (0 counts as
     /// 1), sent in slices of a fiftieth of a second.
@@ -286,8 +290,8 @@ enum End {
 
 /// What to do with the next bytes of a chunk.
 enum Step {
-    /// Wait `pause`, then write up to `len` bytes.
-    Send { len: usize, pause: Duration },
+    /// Write up to `len` bytes, not before `at`.
+    Send { len: usize, at: Instant },
     /// Wait for the fault to change.
     Wait,
     /// End the connection.
@@ -295,41 +299,39 @@ enum Step {
 }
 
 impl Link {
-    /// The next step for `pending` bytes going `direction`.
-    fn plan(&self, direction: Direction, pending: usize) -> Step {
+    /// The next step for `pending` bytes going `direction`, of a chunk read at `arrived`.
+    fn plan(&self, direction: Direction, pending: usize, arrived: Instant) -> Step {
         let state = self.shared.lock();
         let Some(connection) = state.connections.get(&self.id) else {
             return Step::End(End::Broken);
         };
-        let send = |len: usize, pause| Step::Send { len, pause };
+        let now = Instant::now();
+        let send = |len: usize, at| Step::Send { len, at };
         if connection.fault == Fault::None {
-            return send(pending, Duration::ZERO);
+            return send(pending, now);
         }
         if connection.reply_bytes < connection.in_force_at {
             let before = connection.in_force_at - connection.reply_bytes;
             return match direction {
-                Direction::Up => send(pending, Duration::ZERO),
+                Direction::Up => send(pending, now),
                 Direction::Down => send(
                     pending.min(usize::try_from(before).unwrap_or(usize::MAX)),
-                    Duration::ZERO,
+                    now,
                 ),
             };
         }
         match (connection.fault, direction) {
-            (Fault::None, _) | (Fault::Reset | Fault::Cut, Direction::Up) => {
-                send(pending, Duration::ZERO)
-            }
-            (Fault::Latency(delay), _) => send(pending, delay),
+            (Fault::None, _) | (Fault::Reset | Fault::Cut, Direction::Up) => send(pending, now),
+            (Fault::Latency(delay), _) => send(pending, arrived + delay),
             (Fault::Hang, _) => Step::Wait,
             (Fault::Reset, Direction::Down) => Step::End(End::Reset),
             (Fault::Cut, Direction::Down) => Step::End(End::Cut),
-            (Fault::Trickle(delay), _) => send(1, delay),
+            (Fault::Trickle(delay), _) => send(1, now + delay),
             (Fault::Bandwidth(rate), _) => {
                 let rate = rate.max(1);
                 let slice = usize::try_from(rate / 50).unwrap_or(usize::MAX).max(1);
                 let len = pending.min(slice);
-                let pause = Duration::from_secs_f64(len as f64 / rate as f64);
-                send(len, pause)
+                send(len, now + Duration::from_secs_f64(len as f64 / rate as f64))
             }
         }
     }
@@ -388,39 +390,76 @@ async fn serve(link: Link, mut client: TcpStream) {
     drop(server);
 }
 
-/// Copies `from` to `to`, applying the connection's fault to every chunk.
-async fn pump(
-    link: &Link,
-    direction: Direction,
-    mut from: ReadHalf<'_>,
-    mut to: WriteHalf<'_>,
-) -> End {
+/// A chunk read, with when it arrived; `None` once the sender closed its side.
+type Chunk = Option<(Instant, Vec<u8>)>;
+
+/// Copies `from` to `to`, applying the connection's fault to every chunk. Reading and
+/// writing run side by side, so that a delayed chunk does not hold back the reading of the
+/// next one (latency delays each chunk from its arrival, like a long wire).
+async fn pump(link: &Link, direction: Direction, from: ReadHalf<'_>, to: WriteHalf<'_>) -> End {
+    let (chunks, arrivals) = mpsc::unbounded_channel();
+    let reader = read_side(link, from, chunks);
+    let writer = write_side(link, direction, to, arrivals);
+    tokio::pin!(reader, writer);
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            // The writer ends after passing on the sender's close, or on a fault or failure.
+            end = &mut writer => return end,
+            () = &mut reader, if reading => reading = false,
+        }
+    }
+}
+
+/// Reads chunks into `chunks` (reading nothing while the connection is hung), then `None` at
+/// the sender's close; on a failure, just stops (the writer then sees the channel closed).
+async fn read_side(link: &Link, mut from: ReadHalf<'_>, chunks: mpsc::UnboundedSender<Chunk>) {
     let mut changes = link.shared.changes.subscribe();
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
         changes.borrow_and_update();
         if link.hung() {
             if changes.changed().await.is_err() {
-                return End::Broken;
+                return;
             }
             continue;
         }
-        let read = match from.read(&mut buffer).await {
-            Ok(0) => {
-                let _ = to.shutdown().await;
-                return End::Eof;
-            }
-            Ok(read) => read,
-            Err(_) => return End::Broken,
+        let chunk = match from.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(read) => Some((Instant::now(), buffer[..read].to_vec())),
+            Err(_) => return,
         };
-        let mut pending = &buffer[..read];
+        let end = chunk.is_none();
+        if chunks.send(chunk).is_err() || end {
+            return;
+        }
+    }
+}
+
+/// Writes the chunks as the fault allows; at the sender's close, closes `to` (`FIN`).
+async fn write_side(
+    link: &Link,
+    direction: Direction,
+    mut to: WriteHalf<'_>,
+    mut arrivals: mpsc::UnboundedReceiver<Chunk>,
+) -> End {
+    let mut changes = link.shared.changes.subscribe();
+    loop {
+        let Some(chunk) = arrivals.recv().await else {
+            return End::Broken;
+        };
+        let Some((arrived, chunk)) = chunk else {
+            let _ = to.shutdown().await;
+            return End::Eof;
+        };
+        let mut pending = &chunk[..];
         while !pending.is_empty() {
             changes.borrow_and_update();
-            match link.plan(direction, pending.len()) {
-                Step::Send { len, pause } => {
-                    if !pause.is_zero() {
+            match link.plan(direction, pending.len(), arrived) {
+                Step::Send { len, at } => {
+                    if at > Instant::now() {
                         tokio::select! {
-                            () = tokio::time::sleep(pause) => {}
+                            () = tokio::time::sleep_until(at) => {}
                             // A new fault is planned for afresh (a lifted one sends at once).
                             changed = changes.changed() => {
                                 if changed.is_err() {

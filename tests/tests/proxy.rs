@@ -154,6 +154,28 @@ async fn latency_delays_each_direction_and_keeps_the_bytes() {
 }
 
 #[tokio::test]
+async fn latency_delays_chunks_in_flight_side_by_side() {
+    let (_echo, proxy) = setup().await;
+    let mut client = connect(&proxy).await;
+    proxy.set(Fault::Latency(Duration::from_millis(200)));
+    let started = Instant::now();
+    // Five messages 40 ms apart: five chunks in flight at once each way.
+    for i in 0..5u8 {
+        client.write_all(&[i; 10]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let mut back = [0u8; 50];
+    client.read_exact(&mut back).await.unwrap();
+    let elapsed = started.elapsed();
+    let sent: Vec<u8> = (0..5u8).flat_map(|i| [i; 10]).collect();
+    assert_eq!(back.to_vec(), sent);
+    // 160 ms of sending, then 200 ms each way; delayed one after another the five chunks
+    // would take 2 s.
+    assert!(elapsed >= Duration::from_millis(560), "took {elapsed:?}");
+    assert!(elapsed < Duration::from_millis(1100), "took {elapsed:?}");
+}
+
+#[tokio::test]
 async fn hang_stalls_both_ways_with_the_sockets_open_until_cleared() {
     let (mut echo, proxy) = setup().await;
     let mut client = connect(&proxy).await;
