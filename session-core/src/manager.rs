@@ -508,8 +508,8 @@ impl SessionManager {
             CommitStatus::Saved | CommitStatus::Followed => Some((observe::SAVES, None)),
             CommitStatus::Touched => Some((observe::TOUCHES, Some(("result", "done")))),
             CommitStatus::Unchanged => Some((observe::TOUCHES, Some(("result", "skipped")))),
-            CommitStatus::Cycled => Some((observe::CYCLES, None)),
             CommitStatus::Anonymous
+            | CommitStatus::Cycled
             | CommitStatus::Destroyed
             | CommitStatus::Ended
             | CommitStatus::Superseded => None,
@@ -737,8 +737,14 @@ impl SessionManager {
             .store_under_new_id(&session.record, ttl, CommitStatus::Cycled)
             .await?;
         let cookie = self.set_cookie(&id, ttl, &session.record, now);
-        let cycled = || {
-            tracing::debug!("session id cycled; old entry marked moved");
+        // `result`: whether the old entry was seen marked (`confirmed`) or not (`unconfirmed`).
+        let cycled = |result: &'static str| {
+            tracing::debug!(result, "session id cycled");
+            observe::count(
+                self.store.backend(),
+                observe::CYCLES,
+                Some(("result", result)),
+            );
             CommitOutcome::new(CommitStatus::Cycled, Some(cookie.clone()))
         };
         let marker_ttl = self.config.moved_marker_ttl;
@@ -755,7 +761,7 @@ impl SessionManager {
                     .mark_moved(&stored.key, version, &new_key, marker_ttl)
                     .await;
                 match marked {
-                    Ok(()) => return Ok(cycled()),
+                    Ok(()) => return Ok(cycled("confirmed")),
                     Err(StoreError::Conflict) => {
                         tally.conflict();
                     }
@@ -772,7 +778,7 @@ impl SessionManager {
                         unanswered += 1;
                         match self.store.load_entry(&stored.key).await {
                             Ok(Some(StoredEntry::Moved { to })) if to == new_key => {
-                                return Ok(cycled());
+                                return Ok(cycled("confirmed"));
                             }
                             Ok(Some(StoredEntry::Session(loaded))) if loaded.version == version => {
                                 tracing::warn!(%error, "an id cycle's mark went unanswered");
@@ -784,7 +790,9 @@ impl SessionManager {
                                 continue;
                             }
                             Ok(_) => {}
-                            Err(_) => return Ok(self.cycled_unconfirmed(&error, cycled())),
+                            Err(_) => {
+                                return Ok(self.cycled_unconfirmed(&error, cycled("unconfirmed")));
+                            }
                         }
                     }
                 }
@@ -799,7 +807,7 @@ impl SessionManager {
                         self.count_replay(tally);
                         (version, new_version) = (old, new);
                     }
-                    Ok(Carry::Ours) => return Ok(cycled()),
+                    Ok(Carry::Ours) => return Ok(cycled("confirmed")),
                     Ok(Carry::Ended) => {
                         break 'attempts Ok(
                             self.lost(CommitStatus::Ended, "the session ended during an id cycle")
@@ -820,9 +828,11 @@ impl SessionManager {
                 break 'attempts Err(SessionError::ConflictRetriesExhausted { attempts });
             };
             match self.fence(&stored.key, &loaded, version, &new_key).await {
-                Fenced::Ours => return Ok(cycled()),
+                Fenced::Ours => return Ok(cycled("confirmed")),
                 Fenced::Closed => Err(error.into()),
-                Fenced::Unknown => return Ok(self.cycled_unconfirmed(&error, cycled())),
+                Fenced::Unknown => {
+                    return Ok(self.cycled_unconfirmed(&error, cycled("unconfirmed")));
+                }
             }
         };
         // The cycle failed or lost: the new entry must not outlive it.

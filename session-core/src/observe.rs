@@ -30,7 +30,7 @@
 //! | [`CONFLICTS`] `session_conflicts_total` | counter | `operation` | store calls answered with a version conflict |
 //! | [`REPLAYS`] `session_replays_total` | counter | | a request's changes replayed onto a newer version after a conflict |
 //! | [`TOUCHES`] `session_touches_total` | counter | `result`: `done`, `skipped` | unchanged sessions whose expiry was pushed back, or left as it was because the touch was not due |
-//! | [`CYCLES`] `session_cycles_total` | counter | | id cycles done |
+//! | [`CYCLES`] `session_cycles_total` | counter | `result`: `confirmed`, `unconfirmed` | id cycles done: the old entry seen marked moved, or not (the mark went unanswered and the store could not be asked whether it landed; the new id stands, and the old one may keep the pre-login session until it expires) |
 //! | [`DESTROYS`] `session_destroys_total` | counter | | stored sessions ended by [`Session::destroy`](crate::Session::destroy) |
 //! | [`LOST_CHANGES`] `session_lost_changes_total` | counter | `status`: `ended`, `superseded` | commits that had changes but found the session ended or moved (see [`CommitOutcome::lost_changes`](crate::CommitOutcome::lost_changes)) |
 //! | [`ID_COLLISIONS`] `session_id_collisions_total` | counter | | new ids that were already taken (another id is drawn) |

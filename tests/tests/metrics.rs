@@ -190,7 +190,11 @@ fn counters_match_a_scripted_sequence() {
         1,
         "{values:#?}"
     );
-    assert_eq!(counter(CYCLES), 1, "{values:#?}");
+    assert_eq!(
+        counter(&format!("{CYCLES}{{result=confirmed}}")),
+        1,
+        "{values:#?}"
+    );
     assert_eq!(counter(DESTROYS), 1, "{values:#?}");
     assert_eq!(
         counter(&format!("{LOST_CHANGES}{{status=ended}}")),

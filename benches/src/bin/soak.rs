@@ -19,14 +19,14 @@
 //!   more than was sent (a phantom update);
 //! - a cookie whose session was logged out, or moved away by a login, loads a session with data
 //!   (a resurrection);
-//! - after the warm-up (the first quarter), the resident set grows: the least-squares slope
+//! - after the warm-up (the first third), the resident set grows: the least-squares slope
 //!   over the rest of the run, times its length, exceeds 5% of the mean or 4 MiB, whichever is
 //!   more; or the descriptors end more than 16 above their level after the warm-up.
 //!
 //! It writes each backend's samples to `DIR/soak-<backend>.csv`, a chart of all of them to
 //! `DIR/soak.svg` and a summary to `DIR/soak.md` (`DIR` defaults to `target/soak`).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -38,6 +38,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::{get, post};
 use http::{Request, StatusCode, header};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use session_conformance::harness::{ServerKind, ServerProcess};
 use session_conformance::proxy::{Fault, FaultProxy, Scope, Trigger};
 use session_core::{KeyRing, SessionConfig, SessionManager, SessionStore, SigningKey};
@@ -95,6 +96,8 @@ struct Tally {
     phantom_updates: AtomicU64,
     resurrections: AtomicU64,
     dead_cookies_probed: AtomicU64,
+    /// Old ids of logins that still loaded the pre-login session.
+    old_ids_live: AtomicU64,
     reads_checked: AtomicU64,
     /// The fault in force (an index into [`FAULTS`]), or `u64::MAX`.
     fault_now: AtomicU64,
@@ -169,10 +172,16 @@ fn main() -> ExitCode {
         eprintln!("soak: cannot create {}: {error}", args.out.display());
         return ExitCode::from(2);
     }
+    let recorder = DebuggingRecorder::new();
+    let metrics = recorder.snapshotter();
+    if recorder.install().is_err() {
+        eprintln!("soak: a metrics recorder is already installed");
+        return ExitCode::from(2);
+    }
     let mut runs = Vec::new();
     let mut failed = false;
     for backend in &args.backends {
-        match runtime.block_on(soak_backend(backend, &args)) {
+        match runtime.block_on(soak_backend(backend, &args, &metrics)) {
             Ok(run) => {
                 failed |= !run.verdict.is_empty();
                 runs.push(run);
@@ -205,7 +214,9 @@ struct Run {
     verdict: Vec<String>,
 }
 
-async fn soak_backend(backend: &str, args: &Args) -> Result<Run, String> {
+async fn soak_backend(backend: &str, args: &Args, metrics: &Snapshotter) -> Result<Run, String> {
+    // What an earlier backend left in the recorder is not this one's.
+    counters(metrics);
     let (server, proxy) = match backend {
         "memory" => (None, None),
         kind => {
@@ -253,7 +264,7 @@ async fn soak_backend(backend: &str, args: &Args) -> Result<Run, String> {
     let keys = KeyRing::single(SigningKey::new([42u8; 32]).expect("a 32-byte key"));
     // Sessions left behind by visitors, and the markers logins leave, expire within the
     // warm-up, so the store reaches its steady size before memory is judged.
-    let idle = (run_for / 8).clamp(Duration::from_secs(5), Duration::from_secs(60));
+    let idle = (run_for / 12).clamp(Duration::from_secs(5), Duration::from_secs(60));
     let config = SessionConfig::new(keys)
         .idle_timeout(idle)
         .moved_marker_ttl(idle)
@@ -267,6 +278,7 @@ async fn soak_backend(backend: &str, args: &Args) -> Result<Run, String> {
         .layer(SessionLayer::new(manager));
 
     let tally = Arc::new(Tally::default());
+    tally.fault_now.store(u64::MAX, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut users = Vec::new();
@@ -304,9 +316,12 @@ async fn soak_backend(backend: &str, args: &Args) -> Result<Run, String> {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.tick().await;
     let mut second = 0;
+    let mut totals = BTreeMap::new();
     while started.elapsed() < run_for {
         ticker.tick().await;
         second += 1;
+        // Drained every second: the test recorder keeps every latency sample until then.
+        merge(&mut totals, counters(metrics));
         let requests = tally.requests.load(Ordering::Relaxed);
         let failures = tally.failures.load(Ordering::Relaxed);
         let fault = tally.fault_now.load(Ordering::Relaxed);
@@ -330,13 +345,60 @@ async fn soak_backend(backend: &str, args: &Args) -> Result<Run, String> {
             .map_err(|e| format!("the fault task failed: {e}"))?;
     }
     drop(server);
-    Ok(judge(backend, samples, &tally))
+    merge(&mut totals, counters(metrics));
+    Ok(judge(backend, samples, &tally, &totals))
+}
+
+fn merge(totals: &mut BTreeMap<String, u64>, more: BTreeMap<String, u64>) {
+    for (name, value) in more {
+        *totals.entry(name).or_default() += value;
+    }
+}
+
+/// The manager's counters (see `session_core::observe`) since the last snapshot, summed over
+/// their labels but `result` and `kind`: `name` or `name{result}`.
+fn counters(snapshot: &Snapshotter) -> BTreeMap<String, u64> {
+    let mut counters = BTreeMap::new();
+    for (key, _, _, value) in snapshot.snapshot().into_vec() {
+        let DebugValue::Counter(value) = value else {
+            continue;
+        };
+        let key = key.key();
+        let label = key
+            .labels()
+            .find(|l| l.key() == "result" || l.key() == "kind")
+            .map(|l| format!("{{{}}}", l.value()))
+            .unwrap_or_default();
+        *counters
+            .entry(format!("{}{label}", key.name()))
+            .or_default() += value;
+    }
+    counters
 }
 
 /// Checks the run's findings and its memory and descriptors after the warm-up.
-fn judge(backend: &str, samples: Vec<Sample>, tally: &Tally) -> Run {
+fn judge(
+    backend: &str,
+    samples: Vec<Sample>,
+    tally: &Tally,
+    counters: &BTreeMap<String, u64>,
+) -> Run {
     let mut verdict = Vec::new();
     let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let counter = |name: &str| counters.get(name).copied().unwrap_or(0);
+    let unconfirmed = counter("session_cycles_total{unconfirmed}");
+    let old_ids_live = count(&tally.old_ids_live);
+    if old_ids_live > 0 && unconfirmed == 0 {
+        verdict.push(format!(
+            "{old_ids_live} old ids of logins loaded their pre-login session, with no id cycle \
+             left unconfirmed"
+        ));
+    }
+    let errors: u64 = counters
+        .iter()
+        .filter(|(name, _)| name.starts_with("session_errors_total"))
+        .map(|(_, value)| value)
+        .sum();
     for (what, found) in [
         ("lost updates", count(&tally.lost_updates)),
         ("phantom updates", count(&tally.phantom_updates)),
@@ -346,7 +408,7 @@ fn judge(backend: &str, samples: Vec<Sample>, tally: &Tally) -> Run {
             verdict.push(format!("{found} {what}"));
         }
     }
-    let settled = &samples[samples.len() / 4..];
+    let settled = &samples[samples.len() / 3..];
     let points: Vec<(f64, f64)> = settled
         .iter()
         .map(|s| (s.second as f64, s.rss_kib as f64))
@@ -386,7 +448,7 @@ fn judge(backend: &str, samples: Vec<Sample>, tally: &Tally) -> Run {
     let requests: u64 = samples.iter().map(|s| s.requests).sum();
     let failures: u64 = samples.iter().map(|s| s.failures).sum();
     let summary = format!(
-        "| {backend} | {} s | {requests} | {:.0} | {failures} | {} | {} | {} | {} | {} | {:.0} MiB | {:+.1} KiB/min | {early_fds} → {late_fds} ({:+.2}/min) | {} |",
+        "| {backend} | {} s | {requests} | {:.0} | {failures} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} MiB | {:+.1} KiB/min | {early_fds} → {late_fds} ({:+.2}/min) | {} |",
         samples.len(),
         requests as f64 / samples.len().max(1) as f64,
         count(&tally.acknowledged),
@@ -394,6 +456,11 @@ fn judge(backend: &str, samples: Vec<Sample>, tally: &Tally) -> Run {
         count(&tally.lost_updates),
         count(&tally.resurrections),
         count(&tally.dead_cookies_probed),
+        old_ids_live,
+        unconfirmed,
+        counter("session_conflicts_total"),
+        counter("session_replays_total"),
+        errors,
         mean_kib / 1024.0,
         slope_kib_per_s * 60.0,
         least_squares_slope(&fd_points) * 60.0,
@@ -487,6 +554,16 @@ impl Draw {
     }
 }
 
+/// How a cookie died.
+#[derive(Clone, Copy, Debug)]
+enum Dead {
+    /// Its session was logged out: it must load nothing.
+    LoggedOut,
+    /// A login moved its session to a new id, when the count was at most this: it must load
+    /// nothing, or (after an id cycle whose mark went unconfirmed) the pre-login session.
+    MovedBy { count_at_most: u64 },
+}
+
 /// One user's view of its session: increments acknowledged (a 200 answer) and increments whose
 /// outcome is unknown (an error answer: the write may have landed).
 struct Jar {
@@ -497,7 +574,7 @@ struct Jar {
     /// new one), or not.
     maybe_ended: bool,
     /// Cookies whose sessions were logged out or moved away by a login: they must load nothing.
-    dead: VecDeque<String>,
+    dead: VecDeque<(String, Dead)>,
     /// The last requests and their answers, printed with a finding.
     history: VecDeque<String>,
 }
@@ -572,52 +649,62 @@ impl Jar {
         self.maybe_ended = false;
     }
 
-    fn bury(&mut self, cookie: String) {
-        self.dead.push_back(cookie);
+    fn bury(&mut self, cookie: String, how: Dead) {
+        self.dead.push_back((cookie, how));
         if self.dead.len() > 4 {
             self.dead.pop_front();
         }
     }
 
-    /// Checks a count read from the session against what was sent. An increment whose answer
-    /// was lost may still land later (a write delayed in the network, past its timeout), until
-    /// an acknowledged write changes the version it was sent against: so a read accounts for
-    /// those that landed, and the rest stay possible until the next acknowledged increment.
-    fn check(&mut self, n: u64, settled: bool, tally: &Tally) {
+    /// Checks a count seen in the session against what was sent: `increment` tells a count an
+    /// increment computed (the count it loaded, plus one) from one a read loaded.
+    ///
+    /// An increment whose commit failed may have landed, now or later (a write held up in the
+    /// network past its timeout lands if the version it was sent against is still there), so it
+    /// stays possible until a count shows it. An increment's own count does not show what landed
+    /// while it ran: a conflict replays it onto the newer count after its body was written.
+    fn check(&mut self, n: u64, increment: bool, tally: &Tally) {
         tally.reads_checked.fetch_add(1, Ordering::Relaxed);
-        let before = (self.acknowledged, self.unknown);
-        if n < self.acknowledged && self.maybe_ended {
+        let finding = if n < self.acknowledged && self.maybe_ended {
             // The logout whose answer was lost did land: this is a new session.
+            None
         } else if n < self.acknowledged {
             tally
                 .lost_updates
                 .fetch_add(self.acknowledged - n, Ordering::Relaxed);
-            eprintln!(
-                "lost update: read {n} after {} acknowledged increments ({})",
-                self.acknowledged,
-                tally.fault()
-            );
+            Some("lost update")
         } else if n > self.acknowledged + self.unknown {
             tally.phantom_updates.fetch_add(1, Ordering::Relaxed);
+            Some("phantom update")
+        } else {
+            None
+        };
+        if let Some(finding) = finding {
             eprintln!(
-                "phantom update: read {n} after {} acknowledged and {} unknown increments ({}, {})",
+                "{finding}: {} {n} after {} acknowledged and {} unknown increments ({}); \
+                 history: {:#?}",
+                if increment {
+                    "an increment computed"
+                } else {
+                    "a read found"
+                },
                 self.acknowledged,
                 self.unknown,
-                if settled { "an increment" } else { "a read" },
-                tally.fault()
+                tally.fault(),
+                self.history
             );
         }
-        if n < before.0.min(self.acknowledged) || n > self.acknowledged + self.unknown {
-            eprintln!("  history: {:#?}", self.history);
-        }
         let landed = n.saturating_sub(self.acknowledged);
-        self.unknown = if settled {
-            0
-        } else {
-            self.unknown.saturating_sub(landed)
-        };
+        self.unknown = self.unknown.saturating_sub(landed);
         self.acknowledged = n;
         self.maybe_ended = false;
+    }
+
+    /// After an answer that is not a success: a failed commit (a server error without the
+    /// handler's own body) may have written; a handler that failed (its session did not load)
+    /// or a lost write (409) wrote nothing.
+    fn may_have_written(answer: &Answer) -> bool {
+        answer.status.is_server_error() && answer.body.is_empty()
     }
 }
 
@@ -650,7 +737,7 @@ async fn run_user(app: Router, tally: Arc<Tally>, stop: Arc<AtomicBool>, seed: u
                     // Nothing else runs on this session now: the answer is the whole count.
                     jar.acknowledged += 1;
                     jar.check(n, true, &tally);
-                } else {
+                } else if Jar::may_have_written(&answer) {
                     jar.unknown += 1;
                 }
             }
@@ -667,7 +754,7 @@ async fn run_user(app: Router, tally: Arc<Tally>, stop: Arc<AtomicBool>, seed: u
                     if answer.status == StatusCode::OK {
                         tally.acknowledged.fetch_add(1, Ordering::Relaxed);
                         jar.acknowledged += 1;
-                    } else {
+                    } else if Jar::may_have_written(answer) {
                         jar.unknown += 1;
                     }
                 }
@@ -690,7 +777,13 @@ async fn run_user(app: Router, tally: Arc<Tally>, stop: Arc<AtomicBool>, seed: u
                 jar.take(&answer);
                 if answer.status == StatusCode::OK && jar.cookie != old {
                     if let Some(old) = old {
-                        jar.bury(old);
+                        let before = jar.acknowledged + jar.unknown;
+                        jar.bury(
+                            old,
+                            Dead::MovedBy {
+                                count_at_most: before,
+                            },
+                        );
                     }
                 }
             }
@@ -702,22 +795,30 @@ async fn run_user(app: Router, tally: Arc<Tally>, stop: Arc<AtomicBool>, seed: u
                 jar.take(&answer);
                 if answer.status == StatusCode::OK {
                     if let Some(old) = old {
-                        jar.bury(old);
+                        jar.bury(old, Dead::LoggedOut);
                     }
                     jar.cookie = None;
                     jar.reset();
-                } else {
+                } else if Jar::may_have_written(&answer) {
                     jar.maybe_ended = true;
                 }
             }
             // A dead cookie comes back (a stolen one, or an old tab).
             93..=96 if !jar.dead.is_empty() => {
-                let dead = jar.dead[draw.below(jar.dead.len() as u64) as usize].clone();
+                let (dead, how) = jar.dead[draw.below(jar.dead.len() as u64) as usize].clone();
                 let answer = send(&app, "GET", "/count", Some(&dead)).await;
                 counted(&answer);
                 if answer.status == StatusCode::OK {
                     tally.dead_cookies_probed.fetch_add(1, Ordering::Relaxed);
-                    if answer.body != "0" {
+                    let n: u64 = answer.body.parse().unwrap_or(u64::MAX);
+                    if let (Dead::MovedBy { count_at_most }, 1..) = (how, n)
+                        && n <= count_at_most
+                    {
+                        // The pre-login session, still under its old id: what an id cycle
+                        // whose mark could not be confirmed leaves (checked against the
+                        // manager's count of those below).
+                        tally.old_ids_live.fetch_add(1, Ordering::Relaxed);
+                    } else if n != 0 {
                         tally.resurrections.fetch_add(1, Ordering::Relaxed);
                         eprintln!(
                             "resurrection: a dead cookie loaded a count of {} ({})",
@@ -752,7 +853,7 @@ fn write_outputs(out: &Path, runs: &[Run]) -> std::io::Result<()> {
         std::fs::write(out.join(format!("soak-{}.csv", run.backend)), csv)?;
     }
     let mut summary = String::from(
-        "| backend | length | requests | per second | failed | acknowledged increments | reads checked | lost updates | resurrections | dead cookies tried | mean RSS | RSS slope after warm-up | descriptors (slope) | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| backend | length | requests | per second | failed | acknowledged increments | counts checked | lost updates | resurrections | dead cookies tried | old ids live | unconfirmed cycles | conflicts | replays | store errors | mean RSS | RSS slope after warm-up | descriptors (slope) | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for run in runs {
         summary.push_str(&run.summary);
