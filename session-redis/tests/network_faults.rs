@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use session_conformance::faults::{TTL, is_backend_or_timeout, tagged, works};
 use session_conformance::harness::{ServerKind, ServerProcess};
-use session_conformance::network::{self, Target};
+use session_conformance::network::Target;
 use session_conformance::new_key;
 use session_conformance::proxy::{Fault, FaultProxy, Scope, Trigger};
 use session_core::{SessionStore, StoreError};
@@ -40,77 +40,7 @@ async fn target() -> Option<Target<RedisStore>> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn latency_below_the_timeout_gives_the_right_data() {
-    let Some(target) = target().await else { return };
-    network::latency_below_the_timeout(target).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn latency_above_the_timeout_gives_timeouts() {
-    let Some(target) = target().await else { return };
-    network::latency_above_the_timeout(target).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hang_gives_timeouts() {
-    let Some(target) = target().await else { return };
-    network::hang(target).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hang_mid_reply_gives_timeouts() {
-    let Some(target) = target().await else { return };
-    network::hang_mid_reply(target).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_at_every_reply_fails_every_operation() {
-    let Some(target) = target().await else { return };
-    network::reset(target).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_mid_reply_leaves_no_connection_out_of_step() {
-    let Some(target) = target().await else { return };
-    network::reset_mid_reply(target).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_of_the_open_connection_is_followed_by_a_reconnect() {
-    let Some(target) = target().await else { return };
-    network::reset_of_open_connections(target).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reply_cut_short_on_open_connections_leaves_none_out_of_step() {
-    let Some(target) = target().await else { return };
-    network::cut_mid_reply_of_open_connections(target).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reply_cut_short_leaves_no_connection_out_of_step() {
-    let Some(target) = target().await else { return };
-    network::cut_mid_reply(target).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replies_in_single_bytes_give_the_right_data() {
-    let Some(target) = target().await else { return };
-    network::trickle(target).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_trickle_gives_the_right_data_or_timeouts() {
-    let Some(target) = target().await else { return };
-    network::slow_trickle(target).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bandwidth_limit_gives_the_right_data_or_timeouts() {
-    let Some(target) = target().await else { return };
-    network::bandwidth_limit(target).await;
-}
+session_conformance::network_fault_suite!(target);
 
 /// A connection whose handshake reply (the replies to the `CLIENT SETINFO` commands the
 /// client sends on every new connection) ends part way, with a `FIN`, makes the connection

@@ -595,3 +595,34 @@ pub async fn bandwidth_limit<S: SessionStore + Clone + 'static>(target: Target<S
         .await;
     assert!(tally.timeouts > 0, "the fault never struck: {tally:?}");
 }
+
+/// Generates one `#[tokio::test]` per network-fault case for a backend: the argument is an
+/// async function (a path) giving `Option<Target<_>>`, `None` when the backend cannot run.
+/// The generated tests need `tokio` with the `macros` and `rt-multi-thread` features.
+#[macro_export]
+macro_rules! network_fault_suite {
+    ($target:path) => {
+        $crate::network_fault_suite!(@cases $target;
+            latency_below_the_timeout_gives_the_right_data => latency_below_the_timeout,
+            latency_above_the_timeout_gives_timeouts => latency_above_the_timeout,
+            a_hang_gives_timeouts => hang,
+            a_hang_mid_reply_gives_timeouts => hang_mid_reply,
+            a_reset_at_every_reply_fails_every_operation => reset,
+            a_reset_mid_reply_leaves_no_connection_out_of_step => reset_mid_reply,
+            a_reset_of_open_connections_leaves_new_ones_working => reset_of_open_connections,
+            a_reply_cut_short_on_open_connections_leaves_none_out_of_step
+                => cut_mid_reply_of_open_connections,
+            a_reply_cut_short_leaves_no_connection_out_of_step => cut_mid_reply,
+            replies_in_single_bytes_give_the_right_data => trickle,
+            a_slow_trickle_gives_the_right_data_or_timeouts => slow_trickle,
+            a_bandwidth_limit_gives_the_right_data_or_timeouts => bandwidth_limit
+        );
+    };
+    (@cases $target:path; $($test:ident => $case:ident),+ $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            let Some(target) = $target().await else { return };
+            $crate::network::$case(target).await;
+        }
+    )+};
+}
