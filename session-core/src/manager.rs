@@ -12,7 +12,7 @@ use crate::config::{SameKeyConflict, SameSite, SessionConfig};
 use crate::csrf;
 use crate::error::{ConfigError, SessionError, StoreError};
 use crate::id::{SessionId, StorageKey};
-use crate::observe::{self, ObservedStore};
+use crate::observe::{self, Event, ObservedStore};
 use crate::record::Record;
 use crate::session::{Origin, Session, StoredSession};
 use crate::store::{LoadedRecord, MIN_TTL, SessionStore, StoredEntry, Version};
@@ -397,11 +397,7 @@ impl SessionManager {
                 (session, outcome)
             }
         };
-        observe::count(
-            self.store.backend(),
-            observe::LOADS,
-            Some(("result", outcome)),
-        );
+        self.store.count(Event::Load(outcome));
         Ok((session, outcome))
     }
 
@@ -503,19 +499,20 @@ impl SessionManager {
     ) -> Result<CommitOutcome, SessionError> {
         let outcome = self.commit_uncounted(session, tally).await?;
         let backend = self.store.backend();
-        let counter = match outcome.status {
-            CommitStatus::Created => Some((observe::CREATES, None)),
-            CommitStatus::Saved | CommitStatus::Followed => Some((observe::SAVES, None)),
-            CommitStatus::Touched => Some((observe::TOUCHES, Some(("result", "done")))),
-            CommitStatus::Unchanged => Some((observe::TOUCHES, Some(("result", "skipped")))),
+        let event = match outcome.status {
+            CommitStatus::Created => Some(Event::Create),
+            CommitStatus::Saved | CommitStatus::Followed => Some(Event::Save),
+            CommitStatus::Touched => Some(Event::TouchDone),
+            CommitStatus::Unchanged => Some(Event::TouchSkipped),
+            // Cycles and destroys are counted where they happen.
             CommitStatus::Anonymous
             | CommitStatus::Cycled
             | CommitStatus::Destroyed
             | CommitStatus::Ended
             | CommitStatus::Superseded => None,
         };
-        if let Some((name, label)) = counter {
-            observe::count(backend, name, label);
+        if let Some(event) = event {
+            self.store.count(event);
         }
         if outcome.lost_changes {
             observe::count(
@@ -737,14 +734,10 @@ impl SessionManager {
             .store_under_new_id(&session.record, ttl, CommitStatus::Cycled)
             .await?;
         let cookie = self.set_cookie(&id, ttl, &session.record, now);
-        // `result`: whether the old entry was seen marked (`confirmed`) or not (`unconfirmed`).
-        let cycled = |result: &'static str| {
-            tracing::debug!(result, "session id cycled");
-            observe::count(
-                self.store.backend(),
-                observe::CYCLES,
-                Some(("result", result)),
-            );
+        // Whether the old entry was seen marked (confirmed) or not (unconfirmed).
+        let cycled = |event: Event| {
+            tracing::debug!(?event, "session id cycled");
+            self.store.count(event);
             CommitOutcome::new(CommitStatus::Cycled, Some(cookie.clone()))
         };
         let marker_ttl = self.config.moved_marker_ttl;
@@ -761,7 +754,7 @@ impl SessionManager {
                     .mark_moved(&stored.key, version, &new_key, marker_ttl)
                     .await;
                 match marked {
-                    Ok(()) => return Ok(cycled("confirmed")),
+                    Ok(()) => return Ok(cycled(Event::CycleConfirmed)),
                     Err(StoreError::Conflict) => {
                         tally.conflict();
                     }
@@ -778,7 +771,7 @@ impl SessionManager {
                         unanswered += 1;
                         match self.store.load_entry(&stored.key).await {
                             Ok(Some(StoredEntry::Moved { to })) if to == new_key => {
-                                return Ok(cycled("confirmed"));
+                                return Ok(cycled(Event::CycleConfirmed));
                             }
                             Ok(Some(StoredEntry::Session(loaded))) if loaded.version == version => {
                                 tracing::warn!(%error, "an id cycle's mark went unanswered");
@@ -791,7 +784,8 @@ impl SessionManager {
                             }
                             Ok(_) => {}
                             Err(_) => {
-                                return Ok(self.cycled_unconfirmed(&error, cycled("unconfirmed")));
+                                return Ok(self
+                                    .cycled_unconfirmed(&error, cycled(Event::CycleUnconfirmed)));
                             }
                         }
                     }
@@ -807,7 +801,7 @@ impl SessionManager {
                         self.count_replay(tally);
                         (version, new_version) = (old, new);
                     }
-                    Ok(Carry::Ours) => return Ok(cycled("confirmed")),
+                    Ok(Carry::Ours) => return Ok(cycled(Event::CycleConfirmed)),
                     Ok(Carry::Ended) => {
                         break 'attempts Ok(
                             self.lost(CommitStatus::Ended, "the session ended during an id cycle")
@@ -828,10 +822,10 @@ impl SessionManager {
                 break 'attempts Err(SessionError::ConflictRetriesExhausted { attempts });
             };
             match self.fence(&stored.key, &loaded, version, &new_key).await {
-                Fenced::Ours => return Ok(cycled("confirmed")),
+                Fenced::Ours => return Ok(cycled(Event::CycleConfirmed)),
                 Fenced::Closed => Err(error.into()),
                 Fenced::Unknown => {
-                    return Ok(self.cycled_unconfirmed(&error, cycled("unconfirmed")));
+                    return Ok(self.cycled_unconfirmed(&error, cycled(Event::CycleUnconfirmed)));
                 }
             }
         };
@@ -938,7 +932,7 @@ impl SessionManager {
         let status = match std::mem::replace(&mut session.origin, Origin::Fresh) {
             Origin::Stored(stored) => {
                 self.end_session(&stored.key, stored.version, tally).await?;
-                observe::count(self.store.backend(), observe::DESTROYS, None);
+                self.store.count(Event::Destroy);
                 CommitStatus::Destroyed
             }
             // The cookie's id was revoked by an id cycle: it has no power over the session it
@@ -1121,7 +1115,7 @@ impl SessionManager {
     /// Counts a replay of a commit's changes onto a newer version.
     fn count_replay(&self, tally: &Tally) {
         tally.replays.fetch_add(1, Ordering::Relaxed);
-        observe::count(self.store.backend(), observe::REPLAYS, None);
+        self.store.count(Event::Replay);
     }
 
     fn ended(&self) -> CommitOutcome {

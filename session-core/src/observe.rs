@@ -73,7 +73,9 @@ pub const ERRORS: &str = "session_errors_total";
 /// Name of the histogram of store-call latency in seconds, by `operation`.
 pub const STORE_OPERATION_SECONDS: &str = "session_store_operation_seconds";
 
-/// Adds one to the counter `name` of `backend`, with one more label if given.
+/// Adds one to the counter `name` of `backend`, with one more label if given: for the rare
+/// events (conflicts, failures, lost changes, collisions); the frequent ones go through the
+/// keys a [`Meters`] made once.
 pub(crate) fn count(
     backend: &'static str,
     name: &'static str,
@@ -85,6 +87,121 @@ pub(crate) fn count(
             metrics::counter!(name, "backend" => backend, key => value).increment(1)
         }
     }
+}
+
+/// What the frequent events are registered with.
+static METADATA: metrics::Metadata<'static> =
+    metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// The `result` labels of [`LOADS`], in the order of [`Meters::loads`].
+const LOAD_RESULTS: [&str; 7] = [
+    "hit",
+    "miss",
+    "expired",
+    "undecodable",
+    "moved",
+    "no_cookie",
+    "bad_cookie",
+];
+
+/// A store call, for its span and the `operation` label of its latency.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Operation {
+    Create,
+    Load,
+    Save,
+    MarkMoved,
+    Touch,
+    Delete,
+    DeleteIfVersion,
+}
+
+impl Operation {
+    const ALL: [Self; 7] = [
+        Self::Create,
+        Self::Load,
+        Self::Save,
+        Self::MarkMoved,
+        Self::Touch,
+        Self::Delete,
+        Self::DeleteIfVersion,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Load => "load",
+            Self::Save => "save",
+            Self::MarkMoved => "mark_moved",
+            Self::Touch => "touch",
+            Self::Delete => "delete",
+            Self::DeleteIfVersion => "delete_if_version",
+        }
+    }
+}
+
+/// The keys of the metrics a request moves every time, made once per manager: building a key
+/// (labels and hash) per event cost more than the rest of the metrics work put together.
+struct Meters {
+    loads: [metrics::Key; LOAD_RESULTS.len()],
+    creates: metrics::Key,
+    saves: metrics::Key,
+    touches_done: metrics::Key,
+    touches_skipped: metrics::Key,
+    cycles_confirmed: metrics::Key,
+    cycles_unconfirmed: metrics::Key,
+    destroys: metrics::Key,
+    replays: metrics::Key,
+    latency: [metrics::Key; Operation::ALL.len()],
+}
+
+impl Meters {
+    fn new(backend: &'static str) -> Self {
+        let key = |name: &'static str, label: Option<(&'static str, &'static str)>| {
+            let mut labels = vec![metrics::Label::new("backend", backend)];
+            if let Some((key, value)) = label {
+                labels.push(metrics::Label::new(key, value));
+            }
+            metrics::Key::from_parts(name, labels)
+        };
+        Self {
+            loads: LOAD_RESULTS.map(|result| key(LOADS, Some(("result", result)))),
+            creates: key(CREATES, None),
+            saves: key(SAVES, None),
+            touches_done: key(TOUCHES, Some(("result", "done"))),
+            touches_skipped: key(TOUCHES, Some(("result", "skipped"))),
+            cycles_confirmed: key(CYCLES, Some(("result", "confirmed"))),
+            cycles_unconfirmed: key(CYCLES, Some(("result", "unconfirmed"))),
+            destroys: key(DESTROYS, None),
+            replays: key(REPLAYS, None),
+            latency: Operation::ALL.map(|operation| {
+                key(
+                    STORE_OPERATION_SECONDS,
+                    Some(("operation", operation.label())),
+                )
+            }),
+        }
+    }
+}
+
+/// Adds one to the counter `key`.
+fn add(key: &metrics::Key) {
+    metrics::with_recorder(|recorder| recorder.register_counter(key, &METADATA).increment(1));
+}
+
+/// A frequent event of the request flow, counted under the keys made once.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Event {
+    /// A load, with its `result` label (one of [`LOAD_RESULTS`]).
+    Load(&'static str),
+    Create,
+    Save,
+    TouchDone,
+    TouchSkipped,
+    CycleConfirmed,
+    CycleUnconfirmed,
+    Destroy,
+    Replay,
 }
 
 /// The label of a store error: `None` for the answers the contract defines (an existing entry,
@@ -139,12 +256,40 @@ pub(crate) fn micros(elapsed: Duration) -> u64 {
 pub(crate) struct ObservedStore {
     inner: Arc<dyn SessionStore>,
     backend: &'static str,
+    meters: Arc<Meters>,
 }
 
 impl ObservedStore {
     pub(crate) fn new(inner: Arc<dyn SessionStore>) -> Self {
         let backend = inner.backend_name();
-        Self { inner, backend }
+        Self {
+            inner,
+            backend,
+            meters: Arc::new(Meters::new(backend)),
+        }
+    }
+
+    /// Counts `event`.
+    pub(crate) fn count(&self, event: Event) {
+        let meters = &*self.meters;
+        let key = match event {
+            Event::Load(result) => {
+                let Some(at) = LOAD_RESULTS.iter().position(|r| *r == result) else {
+                    debug_assert!(false, "an undocumented load result: {result}");
+                    return;
+                };
+                &meters.loads[at]
+            }
+            Event::Create => &meters.creates,
+            Event::Save => &meters.saves,
+            Event::TouchDone => &meters.touches_done,
+            Event::TouchSkipped => &meters.touches_skipped,
+            Event::CycleConfirmed => &meters.cycles_confirmed,
+            Event::CycleUnconfirmed => &meters.cycles_unconfirmed,
+            Event::Destroy => &meters.destroys,
+            Event::Replay => &meters.replays,
+        };
+        add(key);
     }
 
     /// The wrapped store.
@@ -159,13 +304,13 @@ impl ObservedStore {
 
     async fn observe<T>(
         &self,
-        operation: &'static str,
+        operation: Operation,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let span = tracing::debug_span!(
             "session.store",
             backend = self.backend,
-            operation,
+            operation = operation.label(),
             outcome = tracing::field::Empty,
             elapsed_us = tracing::field::Empty,
         );
@@ -174,16 +319,18 @@ impl ObservedStore {
         let elapsed = started.elapsed();
         span.record("outcome", outcome_label(&result));
         span.record("elapsed_us", micros(elapsed));
-        metrics::histogram!(
-            STORE_OPERATION_SECONDS,
-            "backend" => self.backend,
-            "operation" => operation
-        )
-        .record(elapsed.as_secs_f64());
+        let latency = &self.meters.latency[operation as usize];
+        metrics::with_recorder(|recorder| {
+            recorder
+                .register_histogram(latency, &METADATA)
+                .record(elapsed.as_secs_f64());
+        });
         match &result {
-            Err(StoreError::Conflict) => {
-                count(self.backend, CONFLICTS, Some(("operation", operation)))
-            }
+            Err(StoreError::Conflict) => count(
+                self.backend,
+                CONFLICTS,
+                Some(("operation", operation.label())),
+            ),
             Err(error) => {
                 if let Some(kind) = store_error_kind(error) {
                     count(self.backend, ERRORS, Some(("kind", kind)));
@@ -200,7 +347,7 @@ impl ObservedStore {
         record: &Record,
         ttl: Duration,
     ) -> Result<Version, StoreError> {
-        self.observe("create", self.inner.create(key, record, ttl))
+        self.observe(Operation::Create, self.inner.create(key, record, ttl))
             .await
     }
 
@@ -208,7 +355,8 @@ impl ObservedStore {
         &self,
         key: &StorageKey,
     ) -> Result<Option<StoredEntry>, StoreError> {
-        self.observe("load", self.inner.load_entry(key)).await
+        self.observe(Operation::Load, self.inner.load_entry(key))
+            .await
     }
 
     pub(crate) async fn save(
@@ -218,7 +366,7 @@ impl ObservedStore {
         ttl: Duration,
         version: Version,
     ) -> Result<Version, StoreError> {
-        self.observe("save", self.inner.save(key, record, ttl, version))
+        self.observe(Operation::Save, self.inner.save(key, record, ttl, version))
             .await
     }
 
@@ -229,16 +377,21 @@ impl ObservedStore {
         to: &StorageKey,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.observe("mark_moved", self.inner.mark_moved(key, version, to, ttl))
-            .await
+        self.observe(
+            Operation::MarkMoved,
+            self.inner.mark_moved(key, version, to, ttl),
+        )
+        .await
     }
 
     pub(crate) async fn touch(&self, key: &StorageKey, ttl: Duration) -> Result<bool, StoreError> {
-        self.observe("touch", self.inner.touch(key, ttl)).await
+        self.observe(Operation::Touch, self.inner.touch(key, ttl))
+            .await
     }
 
     pub(crate) async fn delete(&self, key: &StorageKey) -> Result<(), StoreError> {
-        self.observe("delete", self.inner.delete(key)).await
+        self.observe(Operation::Delete, self.inner.delete(key))
+            .await
     }
 
     pub(crate) async fn delete_if_version(
@@ -247,7 +400,7 @@ impl ObservedStore {
         version: Version,
     ) -> Result<(), StoreError> {
         self.observe(
-            "delete_if_version",
+            Operation::DeleteIfVersion,
             self.inner.delete_if_version(key, version),
         )
         .await
