@@ -2,10 +2,12 @@
 //! network faults injected every few seconds, watching this process's memory and descriptors.
 //!
 //! ```text
-//! soak [--seconds N] [--users N] [--out DIR] [memory] [memcached] [redis]
+//! soak [--seconds N] [--users N] [--rate N] [--out DIR] [memory] [memcached] [redis]
 //! ```
 //!
-//! Each backend runs for `--seconds` (default 600). Virtual users, each with a cookie jar, send
+//! Each backend runs for `--seconds` (default 600). Virtual users (`--users`, default 32), each
+//! with a cookie jar and together at a steady `--rate` of actions per second (default 2000, so
+//! the store's size settles whatever else the machine runs), send
 //! requests to an axum router behind `SessionLayer` (in process, through `tower::ServiceExt`):
 //! increments of a counter (one at a time, and pairs at once on the same session), reads of it,
 //! logins (which cycle the id), logouts, and new visitors. memcached and Redis are real
@@ -116,6 +118,8 @@ impl Tally {
 struct Args {
     seconds: u64,
     users: usize,
+    /// Actions per second, all users together.
+    rate: u32,
     out: PathBuf,
     backends: Vec<String>,
 }
@@ -124,6 +128,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         seconds: 600,
         users: 32,
+        rate: 2000,
         out: PathBuf::from("target/soak"),
         backends: Vec::new(),
     };
@@ -141,6 +146,11 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|e| format!("--users: {e}"))?;
             }
+            "--rate" => {
+                args.rate = value("--rate")?
+                    .parse()
+                    .map_err(|e| format!("--rate: {e}"))?;
+            }
             "--out" => args.out = PathBuf::from(value("--out")?),
             "memory" | "memcached" | "redis" => args.backends.push(arg),
             other => return Err(format!("unknown argument {other:?}")),
@@ -148,6 +158,9 @@ fn parse_args() -> Result<Args, String> {
     }
     if args.backends.is_empty() {
         args.backends = vec!["memory".into(), "memcached".into(), "redis".into()];
+    }
+    if args.rate == 0 || args.users == 0 {
+        return Err("--rate and --users must be above zero".into());
     }
     if args.seconds < 20 {
         return Err("--seconds must be at least 20".into());
@@ -287,6 +300,7 @@ async fn soak_backend(backend: &str, args: &Args, metrics: &Snapshotter) -> Resu
             app.clone(),
             Arc::clone(&tally),
             Arc::clone(&stop),
+            Duration::from_secs_f64(args.users as f64 / f64::from(args.rate)),
             0x9e37_79b9_7f4a_7c15 ^ (user as u64 + 1),
         )));
     }
@@ -708,7 +722,17 @@ impl Jar {
     }
 }
 
-async fn run_user(app: Router, tally: Arc<Tally>, stop: Arc<AtomicBool>, seed: u64) {
+async fn run_user(
+    app: Router,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+    every: Duration,
+    seed: u64,
+) {
+    // A steady pace, so the store's size (and so memory) settles whatever else the machine
+    // runs; a user held up by a fault skips the actions it missed rather than bursting.
+    let mut pace = tokio::time::interval(every);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut draw = Draw(seed);
     let mut jar = Jar {
         cookie: None,
@@ -725,6 +749,7 @@ async fn run_user(app: Router, tally: Arc<Tally>, stop: Arc<AtomicBool>, seed: u
         }
     };
     while !stop.load(Ordering::Relaxed) {
+        pace.tick().await;
         match draw.below(100) {
             // One increment.
             0..=59 => {
