@@ -58,6 +58,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use session_core::{CommitOutcome, CommitStatus, SessionError, SessionManager};
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 mod csrf;
 pub use csrf::{CsrfLayer, CsrfService, CsrfTokenService, InvalidOrigin, SameOriginLayer};
@@ -552,13 +553,17 @@ where
                 vary_on_cookie(response.headers_mut());
             }
             // The commit runs as its own task, so that a client hanging up (which drops this
-            // future) cannot stop a logout's delete or an id cycle half-way.
-            let commit = tokio::spawn(async move {
-                match used {
-                    Some(used) => commit_used(&manager, used, discard).await,
-                    None => Ok(None),
+            // future) cannot stop a logout's delete or an id cycle half-way. It stays in the
+            // request's span (tower-http's `TraceLayer`, say), so its spans nest under it.
+            let commit = tokio::spawn(
+                async move {
+                    match used {
+                        Some(used) => commit_used(&manager, used, discard).await,
+                        None => Ok(None),
+                    }
                 }
-            });
+                .instrument(tracing::Span::current()),
+            );
             let replace_with = match commit.await {
                 Ok(Ok(Some(outcome))) => {
                     let cookie = outcome
