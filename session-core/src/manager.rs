@@ -812,6 +812,12 @@ impl SessionManager {
                             self.lost(CommitStatus::Superseded, "a concurrent id cycle won")
                         );
                     }
+                    // A mark of ours went unanswered earlier and may be what the conflict met,
+                    // but the store could not be asked: the old entry may point at the new one
+                    // now, so the new entry must stay, and its cookie go out.
+                    Err(SessionError::Store(error)) if unanswered > 0 => {
+                        return Ok(self.cycled_unconfirmed(&error, cycled(Event::CycleUnconfirmed)));
+                    }
                     Err(error) => break 'attempts Err(error),
                 }
             }

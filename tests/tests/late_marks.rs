@@ -1,6 +1,5 @@
-//! Review of issue 12 (found while checking what the soak's lost-update check can see; the
-//! code is older than this issue): an id cycle that gives up after its own delayed mark landed
-//! deletes the entry the mark points at, and the session is gone.
+//! An id cycle whose own delayed mark landed, and which then cannot read the old entry, must not
+//! delete the entry the mark points at (found in the review of issue 12; the code was older).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -140,7 +139,6 @@ impl SessionStore for Store {
 /// pointing at it: the user's cookie (the failed commit set no new one) loads nothing, and the
 /// session and its cart are gone, where a fence or an "unconfirmed" outcome would have kept it.
 #[tokio::test]
-#[ignore = "finding: commit_cycled deletes the new entry after its own late mark landed (carry_over load failed)"]
 async fn a_login_whose_late_mark_landed_does_not_delete_the_session() {
     let store = Store(MarkHooked {
         inner: MemoryStore::new(),
