@@ -299,7 +299,7 @@ fn failed(
 }
 
 /// Transport timeouts (a hung server) become [`StoreError::Timeout`]; anything else is
-/// [`StoreError::Backend`] with the client's error as its source.
+/// [`StoreError::Backend`] with the client's error, less its key, as its source.
 fn map_error(operation: &'static str, error: memcache::exp::Error, after: Duration) -> StoreError {
     use memcache::exp::Error as E;
     let timed_out = |e: &E| match e {
@@ -316,7 +316,54 @@ fn map_error(operation: &'static str, error: memcache::exp::Error, after: Durati
     } else {
         StoreError::Backend {
             operation,
-            source: Box::new(error),
+            source: Box::new(RequestFailure::from(error)),
+        }
+    }
+}
+
+/// Why a request to memcached failed: the source of a [`StoreError::Backend`]. The client's
+/// errors name the key of the failed request; this keeps everything but the key, so that an
+/// application logging the error chain never logs a storage key.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RequestFailure {
+    /// The server did not answer in time.
+    TimedOut,
+    /// The request was written in full but not answered: it may have been applied.
+    Unanswered(Box<RequestFailure>),
+    /// Any other failure the client reported (none of these carries a key).
+    Client(memcache::exp::Error),
+}
+
+impl From<memcache::exp::Error> for RequestFailure {
+    fn from(error: memcache::exp::Error) -> Self {
+        use memcache::exp::Error as E;
+        match error {
+            E::Timeout { .. } => Self::TimedOut,
+            E::Ambiguous { source, .. } => Self::Unanswered(Box::new(Self::from(*source))),
+            other => Self::Client(other),
+        }
+    }
+}
+
+impl std::fmt::Display for RequestFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TimedOut => f.write_str("memcached did not answer in time"),
+            Self::Unanswered(_) => {
+                f.write_str("the request was sent but not answered; it may have been applied")
+            }
+            Self::Client(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+impl std::error::Error for RequestFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::TimedOut => None,
+            Self::Unanswered(cause) => Some(cause.as_ref()),
+            Self::Client(error) => Some(error),
         }
     }
 }
