@@ -367,6 +367,7 @@ impl SessionManager {
                 if let Some(kind) = observe::session_error_kind(error) {
                     observe::count(backend, observe::ERRORS, Some(("kind", kind)));
                 }
+                self.store.count(Event::Load("error"));
                 "error"
             }
         };
@@ -1067,8 +1068,8 @@ impl SessionManager {
                     key = latest_key;
                     let mut record = loaded.record;
                     let followed = (key != stored.key).then(|| record.clone());
-                    self.count_replay(tally);
                     session.replay_onto(&mut record, self.config.same_key_conflict)?;
+                    self.count_replay(tally);
                     if let Some(followed) = followed {
                         // A request on the id before a move (a login) never changes the CSRF
                         // token of the session it follows: its token was rendered for the old id.

@@ -24,17 +24,17 @@
 //!
 //! | name | kind | other labels | counts |
 //! |---|---|---|---|
-//! | [`LOADS`] `session_loads_total` | counter | `result`: `hit`, `miss`, `expired`, `undecodable`, `moved`, `no_cookie`, `bad_cookie` | requests' loads: a live session found; a valid cookie whose session is gone; a session past its absolute deadline (deleted); a stored record that does not decode; a cookie whose session moved to a new id; no cookie; a cookie that does not verify (no store call for the last two) |
+//! | [`LOADS`] `session_loads_total` | counter | `result`: `hit`, `miss`, `expired`, `undecodable`, `moved`, `no_cookie`, `bad_cookie`, `error` | requests' loads: a live session found; a valid cookie whose session is gone; a session past its absolute deadline (deleted); a stored record that does not decode; a cookie whose session moved to a new id; no cookie; a cookie that does not verify (no store call for these two); a load that failed (the store's failure is also counted by kind) |
 //! | [`CREATES`] `session_creates_total` | counter | | new sessions stored (not counting id cycles) |
 //! | [`SAVES`] `session_saves_total` | counter | | commits that saved changes (also where a session moved to) |
 //! | [`CONFLICTS`] `session_conflicts_total` | counter | `operation` | store calls answered with a version conflict |
-//! | [`REPLAYS`] `session_replays_total` | counter | | a request's changes replayed onto a newer version after a conflict |
+//! | [`REPLAYS`] `session_replays_total` | counter | | a request's changes replayed onto a newer version after a conflict (a replay refused as a same-key conflict is not counted) |
 //! | [`TOUCHES`] `session_touches_total` | counter | `result`: `done`, `skipped` | unchanged sessions whose expiry was pushed back, or left as it was because the touch was not due |
 //! | [`CYCLES`] `session_cycles_total` | counter | `result`: `confirmed`, `unconfirmed` | id cycles done: the old entry seen marked moved, or not (the mark went unanswered and the store could not be asked whether it landed; the new id stands, and the old one may keep the pre-login session until it expires) |
 //! | [`DESTROYS`] `session_destroys_total` | counter | | stored sessions ended by [`Session::destroy`](crate::Session::destroy) |
 //! | [`LOST_CHANGES`] `session_lost_changes_total` | counter | `status`: `ended`, `superseded` | commits that had changes but found the session ended or moved (see [`CommitOutcome::lost_changes`](crate::CommitOutcome::lost_changes)) |
 //! | [`ID_COLLISIONS`] `session_id_collisions_total` | counter | | new ids that were already taken (another id is drawn) |
-//! | [`ERRORS`] `session_errors_total` | counter | `kind` | failures: store calls by kind (`timeout`, `backend`, `full`, `too_large`, `invalid_ttl`, `encode`, `decode`) and commits that failed for a reason of the manager's (`retries_exhausted`, `id_draws_exhausted`, `too_large`, `value_encode`, `value_decode`, `randomness`, `misuse`) |
+//! | [`ERRORS`] `session_errors_total` | counter | `kind` | failures: store calls by kind (`timeout`, `backend`, `full`, `too_large`, `invalid_ttl`, `encode`, `decode`) and commits that failed for a reason of the manager's (`retries_exhausted`, `id_draws_exhausted`, `too_large`, `value_encode`, `value_decode`, `same_key_conflict` (with [`SameKeyConflict::Fail`](crate::SameKeyConflict::Fail)), `randomness`, `misuse`) |
 //! | [`STORE_OPERATION_SECONDS`] `session_store_operation_seconds` | histogram | `operation`: `create`, `load`, `save`, `mark_moved`, `touch`, `delete`, `delete_if_version` | the time a store call took, in seconds, whatever its outcome |
 //!
 //! A `decode` store error is also counted by the load that met it (`result="undecodable"`).
@@ -94,7 +94,7 @@ static METADATA: metrics::Metadata<'static> =
     metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 /// The `result` labels of [`LOADS`], in the order of [`Meters::loads`].
-const LOAD_RESULTS: [&str; 7] = [
+const LOAD_RESULTS: [&str; 8] = [
     "hit",
     "miss",
     "expired",
@@ -102,6 +102,7 @@ const LOAD_RESULTS: [&str; 7] = [
     "moved",
     "no_cookie",
     "bad_cookie",
+    "error",
 ];
 
 /// A store call, for its span and the `operation` label of its latency.
@@ -230,6 +231,7 @@ pub(crate) fn session_error_kind(error: &SessionError) -> Option<&'static str> {
         SessionError::ConflictRetriesExhausted { .. } => Some("retries_exhausted"),
         SessionError::IdCollisions => Some("id_draws_exhausted"),
         SessionError::Randomness(_) => Some("randomness"),
+        SessionError::ConcurrentModification { .. } => Some("same_key_conflict"),
         _ => Some("misuse"),
     }
 }
