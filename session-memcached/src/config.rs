@@ -255,7 +255,7 @@ fn to_usize(value: u64, parameter: &str) -> Result<usize, UrlError> {
 /// an error shows none of `host`.
 fn normalize_server(host: &str, hide: bool) -> Result<String, UrlError> {
     let shown = if hide {
-        "(not shown: the URL holds an '@')"
+        "(not shown: the URL may hold a password)"
     } else {
         host
     };
