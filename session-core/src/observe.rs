@@ -9,7 +9,7 @@
 //! | span | fields |
 //! |---|---|
 //! | `session.load` | `backend`; `outcome` (as the `result` label of [`LOADS`]); `elapsed_us` |
-//! | `session.commit` | `backend`; `status` ([`CommitStatus`](crate::CommitStatus) in snake case, or `error`); `conflicts`, `replays` (this commit's); `lost_changes`; `elapsed_us` |
+//! | `session.commit` | `backend`; `status` ([`CommitStatus`](crate::CommitStatus) in snake case, or `error`); `conflicts` (this commit's version conflicts that made it read again and retry: a save's, a mark's, a logout's delete; [`CONFLICTS`] counts every one), `replays` (this commit's); `lost_changes`; `elapsed_us` |
 //! | `session.store` | `backend`; `operation` (as the label below); `outcome` (`ok`, or the error kind); `elapsed_us` |
 //!
 //! A store span is a child of the load or commit span that made the call.
