@@ -6,28 +6,10 @@
 mod props;
 
 use proptest::prelude::*;
-use proptest::sample::Index;
 
-/// `text` with one to four edits: a character set, inserted or removed, or a truncation.
+/// `text` with one to four edits, drawing new characters among this URL's separators.
 fn edited(text: String) -> impl Strategy<Value = String> {
-    let pieces = "[ -~]|[:/?&=@,%+]|.";
-    proptest::collection::vec((0..4u8, any::<Index>(), pieces), 1..5).prop_map(move |edits| {
-        let mut chars: Vec<char> = text.chars().collect();
-        for (operation, at, piece) in edits {
-            let len = chars.len();
-            let piece = piece.chars().next().unwrap_or('x');
-            match operation {
-                0 if len > 0 => chars[at.index(len)] = piece,
-                1 => chars.insert(at.index(len + 1), piece),
-                2 if len > 0 => {
-                    chars.remove(at.index(len));
-                }
-                3 => chars.truncate(at.index(len + 1)),
-                _ => {}
-            }
-        }
-        chars.into_iter().collect()
-    })
+    session_conformance::strategies::edited(text, "[ -~]|[:/?&=@,%+]|.")
 }
 
 /// A query parameter: one of the store's own, or one passed on to the redis crate.

@@ -28,6 +28,7 @@ pub mod model;
 pub mod network;
 pub mod proxy;
 pub mod recording;
+pub mod strategies;
 
 /// A storage key for a new random session id under the default prefix.
 pub fn new_key() -> StorageKey {
