@@ -881,19 +881,37 @@ impl MemcachedStore {
             .copies
             .iter()
             .filter(|copy| decider.as_ref().is_none_or(|d| !Arc::ptr_eq(&copy.node, d)));
-        let writes = rest.map(|copy| {
-            items::set(
+        let writes = rest.map(|copy| async {
+            let written = items::set(
                 &copy.node,
                 operation,
                 &item_key,
                 write.put(Condition::Always),
                 self.deadline,
             )
+            .await;
+            (&copy.node, written)
         });
         let results = join_all(writes).await;
+        // A replica whose tombstone failed while it still counts as up (this process had no
+        // free connection for it, or it answered with an error) keeps its live copy: the
+        // logout must fail rather than be acknowledged with a copy that outlives the
+        // tombstones if their servers die. One that failed in transport is down now, and is
+        // left out as the read phase would have (the tombstones outrank it when it returns).
+        let mut first_error = None;
+        let mut written = 0;
+        for (node, result) in results {
+            match result {
+                Ok(_) => written += 1,
+                Err(error) if !node.is_down() => return Err(error),
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
         if version.is_none()
-            && results.iter().all(Result::is_err)
-            && let Some(Err(error)) = results.into_iter().next()
+            && written == 0
+            && let Some(error) = first_error
         {
             return Err(error);
         }
