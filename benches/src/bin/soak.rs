@@ -881,11 +881,12 @@ async fn run_user(
                 let answer = send(&app, "POST", "/login", old.as_deref()).await;
                 counted(&answer);
                 jar.take("login", &answer);
-                if answer.status == StatusCode::OK && jar.cookie != old {
-                    if let Some(old) = old {
-                        let held_at_most = jar.acknowledged.union(&jar.unknown).copied().collect();
-                        jar.bury(old, Dead::MovedBy { held_at_most });
-                    }
+                if answer.status == StatusCode::OK
+                    && jar.cookie != old
+                    && let Some(old) = old
+                {
+                    let held_at_most = jar.acknowledged.union(&jar.unknown).copied().collect();
+                    jar.bury(old, Dead::MovedBy { held_at_most });
                 }
             }
             // A logout.
