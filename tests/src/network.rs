@@ -1,5 +1,5 @@
 //! Workloads for network-fault tests: a store talks to its server through a
-//! [`FaultProxy`](crate::proxy::FaultProxy), and every operation under a fault must either
+//! [`FaultProxy`], and every operation under a fault must either
 //! succeed with the right data or fail with a typed error within the store's deadline; once
 //! the fault is lifted, the same store must work again with no connection left out of step.
 //!
