@@ -862,6 +862,18 @@ async fn run_user(
                     jar.take("one of two increments", answer);
                     jar.note_increment(own, answer, &tally);
                 }
+                // Two requests without a live session each start one; the browser keeps the
+                // last cookie set, so the other session, with its increment, is left behind
+                // (as in any session library): not the store's loss.
+                for (own, answer) in [(a, &answer_a), (b, &answer_b)] {
+                    if let Some(set) = &answer.set_cookie
+                        && !set.is_empty()
+                        && jar.cookie.as_deref() != Some(set.as_str())
+                    {
+                        jar.acknowledged.remove(&own);
+                        jar.unknown.remove(&own);
+                    }
+                }
             }
             // A read.
             70..=84 => {
