@@ -679,6 +679,17 @@ impl Jar {
     }
 
     fn take(&mut self, request: &str, answer: &Answer) {
+        // After a logout whose answer was lost, a cookie for a new session means it landed:
+        // what was acknowledged belonged to the session that ended.
+        if self.maybe_ended
+            && answer.status.is_success()
+            && answer
+                .set_cookie
+                .as_ref()
+                .is_some_and(|set| !set.is_empty() && self.cookie.as_ref() != Some(set))
+        {
+            self.reset();
+        }
         let tail = |c: &Option<String>| {
             c.as_deref()
                 .map_or("-".to_owned(), |c| c.chars().take(6).collect())
@@ -1110,6 +1121,28 @@ mod checker_tests {
         jar.acknowledged.insert(9);
         jar.check(&set(&[8, 9]), Some(9), &tally);
         assert_eq!(tally.lost_updates.load(Ordering::Relaxed), 1);
+    }
+
+    /// A logout answered 500 that landed, then two increments at once that each start a
+    /// session: the cookie of a new session tells the old one ended (a Redis soak run flagged
+    /// the increment acknowledged before the logout).
+    #[test]
+    fn a_new_session_cookie_after_a_lost_logout_is_no_loss() {
+        let tally = Tally::default();
+        let mut jar = Jar::new();
+        jar.cookie = Some("old".into());
+        jar.acknowledged = set(&[1]);
+        jar.maybe_ended = true;
+        let new_session = Answer {
+            status: StatusCode::OK,
+            body: "2".into(),
+            set_cookie: Some("new".into()),
+        };
+        jar.take("one of two increments", &new_session);
+        jar.note_increment(2, &new_session, &tally);
+        jar.acknowledged.insert(3);
+        jar.check(&set(&[2, 3]), Some(3), &tally);
+        assert_eq!(tally.lost_updates.load(Ordering::Relaxed), 0);
     }
 
     #[test]
