@@ -82,9 +82,11 @@
 //!   failed since); a stale guess costs a conflict, after which the replicas are read again.
 //!   A load and save then cost two round trips to each of two replicas: three in sequence
 //!   (the reads together, the deciding write, the carried write).
-//! - **Creates** add on every replica at once; when a replica already holds something, the
-//!   store reads all copies and the newest decides (a create that loses takes its own copies
-//!   back and reports [`StoreError::AlreadyExists`]). A create over a tombstone replaces it.
+//! - **Creates** are decided like saves: an add on the first replica, then the session is
+//!   carried to the others. A racer refused there has written nothing anywhere and reports
+//!   [`StoreError::AlreadyExists`], so no read ever sees a losing create's copy. A create
+//!   over a tombstone replaces it, compare-and-set on that first replica; anything else
+//!   there (a session, a marker, an unreadable value) makes the create fail.
 //! - **`delete` and `cycle_id`.** `delete` reads the copies, then writes a tombstone to every
 //!   live replica, living as long as the longest copy it ends; when a replica did not answer
 //!   and its copy's expiry is unknown, at least [`tombstone_ttl`](MemcachedConfig::tombstone_ttl)
@@ -142,11 +144,13 @@
 //!   as for any change of the server list that moves many keys.
 //! - A key created again under a deleted key (session ids are random 128-bit numbers, so only
 //!   direct store users do this) reads as ended if a tombstone survives on a replica that was
-//!   unreachable while it was created.
+//!   unreachable while it was created; and the create is refused if the first replica
+//!   missed the delete (it still holds the old session).
 //! - memcached may evict any item under memory pressure, tombstones included; size the
 //!   servers so that sessions are not evicted.
 //! - Cost: every read asks `n` servers and every write writes `n`; a save after a load in the
-//!   same process adds one round trip (to the second replica), a `delete` and a `mark_moved`
+//!   same process adds one round trip (to the second replica), a create one (it is decided
+//!   on the first replica before it goes to the others), a `delete` and a `mark_moved`
 //!   one read. With `n` = 3 and two servers hung, an operation can take up to about twice
 //!   [`operation_deadline`](MemcachedConfig::operation_deadline) (a read, then a write, each
 //!   waiting for a timeout). The compare harness reports `replicas=2` beside `replicas=1` on

@@ -508,59 +508,47 @@ impl MemcachedStore {
         let write = Write::session(generation, &bytes, ttl);
         let (nodes, _) = self.live_replicas(key);
         let item_key = self.item_key(key);
-        // Optimistic: add on every replica at once. All added (or down): created.
-        let adds = nodes.iter().map(|node| {
-            items::set(
-                node,
-                "create",
-                &item_key,
-                write.put(Condition::Absent),
-                self.deadline,
-            )
-        });
-        let results = join_all(adds).await;
-        let mut added = Vec::new();
-        let mut refused = false;
-        let mut failure = None;
-        for (node, result) in nodes.iter().zip(results) {
-            match result {
-                Ok(result) if result.status == MutationStatus::Applied => {
-                    added.push((Arc::clone(node), written_cas("create", &result)?));
+        // The first replica decides, as for a save: add there first, then carry the session to
+        // the others. A racer that lost there has written nothing anywhere, so no read can
+        // count a loser's copy, and no copy a loser takes back leaves a hole that a later
+        // racer could fill. (Adding on every replica at once and letting the newest copy win
+        // made two winners: reads of different replicas are not one snapshot.)
+        let unread = ReadPhase {
+            copies: nodes
+                .iter()
+                .map(|node| Copy {
+                    node: Arc::clone(node),
+                    item: None,
+                })
+                .collect(),
+            incomplete: false,
+        };
+        let (decider, phase) = match self.decide("create", &item_key, &write, &unread).await {
+            Ok((decider, _)) => (decider, unread),
+            Err(StoreError::Conflict) => {
+                // The deciding replica holds something. Only a tombstone (a session ended
+                // under this key) is created over, compare-and-set so that one racer wins;
+                // anything else there is an entry this create must not replace.
+                let phase = self.read_phase("create", key).await?;
+                let ended = self
+                    .deciding_copies(&phase)
+                    .first()
+                    .is_some_and(|copy| copy.item.as_ref().is_none_or(|i| i.kind == Kind::Ended));
+                if !ended {
+                    return Err(StoreError::AlreadyExists);
                 }
-                Ok(_) => refused = true,
-                Err(error) => failure = Some(error),
+                match self.decide("create", &item_key, &write, &phase).await {
+                    Ok((decider, _)) => (decider, phase),
+                    Err(StoreError::Conflict) => return Err(StoreError::AlreadyExists),
+                    Err(error) => return Err(error),
+                }
             }
-        }
-        if !refused {
-            return match (added.is_empty(), failure) {
-                (true, Some(error)) => Err(error),
-                _ => Ok(Version::new(generation)),
-            };
-        }
-        // Something is there on some replica: an entry (then this create fails and takes its
-        // copies back), a tombstone or an older copy (replaced), or a racing create (the
-        // newest copy wins, and every racer agrees which one that is).
-        let phase = self.read_phase("create", key).await?;
-        let winner = phase.winner();
-        let mine = winner.is_some_and(|w| w.value == write.value);
-        let live_other = winner.is_some_and(|w| !mine && w.kind != Kind::Ended);
-        if live_other {
-            let undo = added.iter().map(|(node, cas)| async {
-                let client = node.client();
-                let request = client.delete(item_key.as_bytes()).compare_cas(*cas).send();
-                items::call(node, "create", self.deadline, request).await
-            });
-            join_all(undo).await;
-            return Err(StoreError::AlreadyExists);
-        }
-        let places = phase
+            Err(error) => return Err(error),
+        };
+        let carries = phase
             .copies
             .iter()
-            .filter(|copy| {
-                copy.item
-                    .as_ref()
-                    .is_none_or(|item| item.value != write.value)
-            })
+            .filter(|copy| !Arc::ptr_eq(&copy.node, &decider))
             .map(|copy| {
                 let known = Some(copy.item.clone());
                 self.place(
@@ -573,10 +561,8 @@ impl MemcachedStore {
                     PLACE_TRIES,
                 )
             });
-        let placed = join_all(places).await;
-        if !mine && !placed.iter().any(|p| matches!(p, Placed::Written(_))) {
-            return Err(StoreError::AlreadyExists);
-        }
+        // A replica the session did not reach gets it from the next read's repair.
+        join_all(carries).await;
         Ok(Version::new(generation))
     }
 
@@ -689,20 +675,8 @@ impl MemcachedStore {
         write: &Write,
         phase: &ReadPhase,
     ) -> Result<(Arc<Node>, u64), StoreError> {
-        let settle = self.retry_interval + self.deadline;
-        // A replica that came back within the settling time decides only if no other can.
-        let settled: Vec<&Copy> = phase
-            .copies
-            .iter()
-            .filter(|copy| !copy.node.settling(settle))
-            .collect();
-        let current = if settled.is_empty() {
-            phase.copies.iter().collect()
-        } else {
-            settled
-        };
         let mut failure = None;
-        for copy in current {
+        for copy in self.deciding_copies(phase) {
             let condition = match &copy.item {
                 None => Condition::Absent,
                 Some(item) => Condition::Cas(item.cas),
@@ -720,6 +694,23 @@ impl MemcachedStore {
             }
         }
         Err(failure.unwrap_or(StoreError::Conflict))
+    }
+
+    /// The copies that may decide a write, in the order they are tried: those whose replica
+    /// did not come back within the settling time (a retry interval plus the deadline), or
+    /// all of them when every one did.
+    fn deciding_copies<'a>(&self, phase: &'a ReadPhase) -> Vec<&'a Copy> {
+        let settle = self.retry_interval + self.deadline;
+        let settled: Vec<&Copy> = phase
+            .copies
+            .iter()
+            .filter(|copy| !copy.node.settling(settle))
+            .collect();
+        if settled.is_empty() {
+            phase.copies.iter().collect()
+        } else {
+            settled
+        }
     }
 
     /// Another writer's `held` competes with this write, decided elsewhere: put it back over

@@ -778,3 +778,43 @@ async fn check_losses(fault: Fault) {
         );
     }
 }
+
+/// Racing creates of one key, many rounds, with one task per racer and loads racing them:
+/// exactly one create is acknowledged per key, and from the moment it is, every load returns
+/// its record (a racer that lost must not leave a copy that reads win). A CI run once saw two
+/// creates of one key both acknowledged: a loser took its copy back and a later racer added
+/// into the hole, while the first winner's read had already counted it as the winner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_creates_of_one_key_have_one_winner_every_time() {
+    let Some(servers) = three_servers() else {
+        return;
+    };
+    let store = MemcachedStore::connect(config(&servers)).await.unwrap();
+    for round in 0..150 {
+        let key = new_key();
+        let mut tasks = JoinSet::new();
+        for racer in 0..24u8 {
+            let (store, key) = (store.clone(), key.clone());
+            tasks.spawn(async move {
+                let tag = format!("racer {racer}");
+                let created = store.create(&key, &record(&tag), TTL).await;
+                (tag, created)
+            });
+        }
+        let mut winners = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined.unwrap() {
+                (tag, Ok(version)) => winners.push((tag, version)),
+                (_, Err(session_core::StoreError::AlreadyExists)) => {}
+                (_, Err(other)) => panic!("round {round}: unexpected error {other:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        let (tag, version) = &winners[0];
+        for _ in 0..3 {
+            let loaded = store.load(&key).await.unwrap().expect("the winner loads");
+            assert_eq!(loaded.record, record(tag), "round {round}");
+            assert_eq!(loaded.version, *version, "round {round}");
+        }
+    }
+}
