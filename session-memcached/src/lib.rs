@@ -86,7 +86,11 @@
 //!   carried to the others. A racer refused there has written nothing anywhere and reports
 //!   [`StoreError::AlreadyExists`], so no read ever sees a losing create's copy. A create
 //!   over a tombstone replaces it, compare-and-set on that first replica; anything else
-//!   there (a session, a marker, an unreadable value) makes the create fail.
+//!   there (a session, a marker, an unreadable value) makes the create fail. Carrying, a
+//!   create replaces only nothing, an unreadable value, or the tombstone it read before it
+//!   was decided; if another replica still holds the key alive (the first one lost it, or
+//!   another process, counting the first one down, created there), the create takes its
+//!   copies back and fails.
 //! - **`delete` and `cycle_id`.** `delete` reads the copies, then writes a tombstone to every
 //!   live replica, living as long as the longest copy it ends; when a replica did not answer
 //!   and its copy's expiry is unknown, at least [`tombstone_ttl`](MemcachedConfig::tombstone_ttl)
@@ -144,8 +148,10 @@
 //!   as for any change of the server list that moves many keys.
 //! - A key created again under a deleted key (session ids are random 128-bit numbers, so only
 //!   direct store users do this) reads as ended if a tombstone survives on a replica that was
-//!   unreachable while it was created; and the create is refused if the first replica
-//!   missed the delete (it still holds the old session).
+//!   unreachable while it was created, if the first replica lost its tombstone (evicted,
+//!   restarted empty) while another kept one, or if a load repaired the first replica with
+//!   the tombstone while the create was being carried; and the create is refused if the
+//!   first replica missed the delete (it still holds the old session).
 //! - memcached may evict any item under memory pressure, tombstones included; size the
 //!   servers so that sessions are not evicted.
 //! - Cost: every read asks `n` servers and every write writes `n`; a save after a load in the

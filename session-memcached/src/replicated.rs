@@ -148,10 +148,11 @@ fn order(item: Option<&Item>) -> (u8, u64) {
 }
 
 /// Whether a copy of kind `existing` may be replaced by a write of kind `new`: only by
-/// something newer, and a tombstone only by a create.
-fn replaceable(existing: Kind, new: Kind, over_tombstones: bool) -> bool {
+/// something newer, and a tombstone never (a create carries itself over one only as
+/// `carry_create` says).
+fn replaceable(existing: Kind, new: Kind) -> bool {
     match (existing, new) {
-        (Kind::Ended, _) => over_tombstones && !matches!(new, Kind::Ended),
+        (Kind::Ended, _) => false,
         (_, Kind::Ended) => true,
         (Kind::Unreadable, _) => true,
         (_, Kind::Unreadable) => false,
@@ -384,7 +385,6 @@ impl MemcachedStore {
     /// Writes `write` to `node` unless the server holds something as new or newer; `known` is
     /// what it held when last read (`None`: not read). Re-reads after a lost race, up to
     /// `tries` writes. Returns the new CAS when written.
-    #[allow(clippy::too_many_arguments)] // reason: a private helper; the flags say what to keep
     async fn place(
         &self,
         operation: &'static str,
@@ -392,15 +392,12 @@ impl MemcachedStore {
         item_key: &str,
         write: &Write,
         mut known: Option<Option<Item>>,
-        over_tombstones: bool,
         tries: usize,
     ) -> Placed {
         for _ in 0..tries {
             let condition = match known {
                 None | Some(None) => Condition::Absent,
-                Some(Some(item)) if replaceable(item.kind, write.kind, over_tombstones) => {
-                    Condition::Cas(item.cas)
-                }
+                Some(Some(item)) if replaceable(item.kind, write.kind) => Condition::Cas(item.cas),
                 Some(Some(item)) => return Placed::Holds(item),
             };
             let put = write.put(condition);
@@ -455,7 +452,7 @@ impl MemcachedStore {
                 async move {
                     let known = Some(item);
                     store
-                        .place("repair", &node, item_key, write, known, false, 1)
+                        .place("repair", &node, item_key, write, known, 1)
                         .await
                 }
             });
@@ -523,47 +520,117 @@ impl MemcachedStore {
                 .collect(),
             incomplete: false,
         };
-        let (decider, phase) = match self.decide("create", &item_key, &write, &unread).await {
-            Ok((decider, _)) => (decider, unread),
-            Err(StoreError::Conflict) => {
-                // The deciding replica holds something. Only a tombstone (a session ended
-                // under this key) is created over, compare-and-set so that one racer wins;
-                // anything else there is an entry this create must not replace.
-                let phase = self.read_phase("create", key).await?;
-                let ended = self
-                    .deciding_copies(&phase)
-                    .first()
-                    .is_some_and(|copy| copy.item.as_ref().is_none_or(|i| i.kind == Kind::Ended));
-                if !ended {
-                    return Err(StoreError::AlreadyExists);
+        let ((decider, decided_cas), phase, read) =
+            match self.decide("create", &item_key, &write, &unread).await {
+                Ok(decided) => (decided, unread, false),
+                Err(StoreError::Conflict) => {
+                    // The deciding replica holds something. Only a tombstone (a session ended
+                    // under this key) is created over, compare-and-set so that one racer wins;
+                    // anything else there is an entry this create must not replace.
+                    let phase = self.read_phase("create", key).await?;
+                    let ended = self.deciding_copies(&phase).first().is_some_and(|copy| {
+                        copy.item.as_ref().is_none_or(|i| i.kind == Kind::Ended)
+                    });
+                    if !ended {
+                        return Err(StoreError::AlreadyExists);
+                    }
+                    match self.decide("create", &item_key, &write, &phase).await {
+                        Ok(decided) => (decided, phase, true),
+                        Err(StoreError::Conflict) => return Err(StoreError::AlreadyExists),
+                        Err(error) => return Err(error),
+                    }
                 }
-                match self.decide("create", &item_key, &write, &phase).await {
-                    Ok((decider, _)) => (decider, phase),
-                    Err(StoreError::Conflict) => return Err(StoreError::AlreadyExists),
-                    Err(error) => return Err(error),
-                }
-            }
-            Err(error) => return Err(error),
-        };
-        let carries = phase
+                Err(error) => return Err(error),
+            };
+        let rest: Vec<&Copy> = phase
             .copies
             .iter()
             .filter(|copy| !Arc::ptr_eq(&copy.node, &decider))
-            .map(|copy| {
-                let known = Some(copy.item.clone());
-                self.place(
-                    "create",
-                    &copy.node,
-                    &item_key,
-                    &write,
-                    known,
-                    true,
-                    PLACE_TRIES,
-                )
-            });
-        // A replica the session did not reach gets it from the next read's repair.
-        join_all(carries).await;
+            .collect();
+        let carries = rest.iter().map(|copy| {
+            let known = read.then(|| copy.item.clone());
+            self.carry_create(&copy.node, &item_key, &write, known)
+        });
+        let carried = join_all(carries).await;
+        let mut written = vec![(decider, decided_cas)];
+        let mut exists = false;
+        for (copy, carried) in rest.iter().zip(carried) {
+            match carried {
+                Placed::Written(cas) => written.push((Arc::clone(&copy.node), cas)),
+                Placed::Holds(held) => {
+                    exists |= matches!(held.kind, Kind::Session { .. } | Kind::Moved)
+                }
+                // A replica the session did not reach gets it from the next read's repair.
+                Placed::GaveUp => {}
+            }
+        }
+        if exists {
+            return self.withdraw_create(&item_key, generation, &written).await;
+        }
         Ok(Version::new(generation))
+    }
+
+    /// Carries a decided create to another replica: adds it where the replica holds nothing,
+    /// and replaces only an unreadable value, or the tombstone `known` from the read made
+    /// before the decision (compare-and-set on it). Anything else is held: a session or a
+    /// marker (the key exists; the first replica lost it, or another process decided
+    /// elsewhere), or a tombstone written since (a delete that raced this create, and ended it).
+    async fn carry_create(
+        &self,
+        node: &Arc<Node>,
+        item_key: &str,
+        write: &Write,
+        known: Option<Option<Item>>,
+    ) -> Placed {
+        let mut over_tombstone = true;
+        let mut known = known.flatten();
+        for _ in 0..PLACE_TRIES {
+            let condition = match &known {
+                None => Condition::Absent,
+                Some(item) if item.kind == Kind::Unreadable => Condition::Cas(item.cas),
+                Some(item) if item.kind == Kind::Ended && over_tombstone => {
+                    Condition::Cas(item.cas)
+                }
+                Some(item) => return Placed::Holds(item.clone()),
+            };
+            let put = write.put(condition);
+            let Ok(result) = items::set(node, "create", item_key, put, self.deadline).await else {
+                return Placed::GaveUp;
+            };
+            if result.status == MutationStatus::Applied {
+                return written_cas("create", &result).map_or(Placed::GaveUp, Placed::Written);
+            }
+            let Ok(held) = items::get(node, "create", item_key, self.deadline).await else {
+                return Placed::GaveUp;
+            };
+            known = held;
+            over_tombstone = false;
+        }
+        Placed::GaveUp
+    }
+
+    /// A create found the key alive on another replica: takes its copies back (each
+    /// compare-and-set against its own CAS) and reports [`StoreError::AlreadyExists`]. If the
+    /// copy on the deciding replica was changed meanwhile (a save or a move built on it, or a
+    /// delete), the create was seen and stands.
+    async fn withdraw_create(
+        &self,
+        item_key: &str,
+        generation: u64,
+        written: &[(Arc<Node>, u64)],
+    ) -> Result<Version, StoreError> {
+        let undo = written.iter().map(|(node, cas)| async move {
+            let client = node.client();
+            let request = client.delete(item_key.as_bytes()).compare_cas(*cas).send();
+            items::call(node, "create", self.deadline, request).await
+        });
+        let undone = join_all(undo).await;
+        match undone.first() {
+            Some(Ok(result)) if result.status == MutationStatus::CasMismatch => {
+                Ok(Version::new(generation))
+            }
+            _ => Err(StoreError::AlreadyExists),
+        }
     }
 
     /// `save` and `mark_moved`: `write` replaces the session at generation `version`. Tries
@@ -608,15 +675,7 @@ impl MemcachedStore {
             .collect();
         let placed = join_all(rest.iter().map(|copy| {
             let known = Some(copy.item.clone());
-            self.place(
-                operation,
-                &copy.node,
-                &item_key,
-                write,
-                known,
-                false,
-                PLACE_TRIES,
-            )
+            self.place(operation, &copy.node, &item_key, write, known, PLACE_TRIES)
         }))
         .await;
         let mut written = vec![(decider, decided_cas)];

@@ -818,3 +818,84 @@ async fn racing_creates_of_one_key_have_one_winner_every_time() {
         }
     }
 }
+
+/// Review finding: a create decides on a key's first replica, but the key may still exist on
+/// another one (the first lost its copy: evicted, or restarted empty). A live session there
+/// is not replaced, and the create fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_does_not_replace_a_session_its_first_replica_lost() {
+    let Some(servers) = two_servers() else {
+        return;
+    };
+    let store = MemcachedStore::connect(config(&servers)).await.unwrap();
+    let key = new_key();
+    store.create(&key, &record("first"), TTL).await.unwrap();
+    let first = server_named(&servers, store.servers_of(&key)[0]);
+    let deleted = first.command_line(&format!("md {}\r\n", key.as_str()));
+    assert_eq!(deleted.unwrap(), "HD\r\n");
+    let again = store.create(&key, &record("second"), TTL).await;
+    assert!(
+        matches!(again, Err(session_core::StoreError::AlreadyExists)),
+        "{again:?}"
+    );
+    let loaded = store.load(&key).await.unwrap().expect("the first session");
+    assert_eq!(loaded.record, record("first"));
+}
+
+/// Review finding: the same with a moved marker on the second replica: the create fails, and
+/// the marker is what a read finds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_does_not_hide_a_marker_its_first_replica_lost() {
+    let Some(servers) = two_servers() else {
+        return;
+    };
+    let store = MemcachedStore::connect(config(&servers)).await.unwrap();
+    let key = new_key();
+    let version = store.create(&key, &record("first"), TTL).await.unwrap();
+    let to = new_key();
+    store.mark_moved(&key, version, &to, TTL).await.unwrap();
+    let first = server_named(&servers, store.servers_of(&key)[0]);
+    let deleted = first.command_line(&format!("md {}\r\n", key.as_str()));
+    assert_eq!(deleted.unwrap(), "HD\r\n");
+    let again = store.create(&key, &record("second"), TTL).await;
+    assert!(
+        matches!(again, Err(session_core::StoreError::AlreadyExists)),
+        "{again:?}"
+    );
+    let entry = store.load_entry(&key).await.unwrap().expect("the marker");
+    assert!(
+        matches!(entry, session_core::StoredEntry::Moved { .. }),
+        "{entry:?}"
+    );
+}
+
+/// Review finding: two processes that disagree about whether a key's first server is up do
+/// not both acknowledge a create of one key. B counts the first server down and creates on
+/// the second; A then creates on the first and, carrying its session to the second, finds
+/// B's: A's create fails and both read B's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_that_disagree_about_a_server_do_not_both_create_one_key() {
+    let Some(servers) = two_servers() else {
+        return;
+    };
+    let a = MemcachedStore::connect(config(&servers)).await.unwrap();
+    let b = MemcachedStore::connect(config(&servers).retry_interval(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let key = new_key();
+    let first = server_named(&servers, a.servers_of(&key)[0]);
+    first.pause();
+    assert!(
+        b.load(&key).await.unwrap().is_none(),
+        "answered by the second server"
+    );
+    first.resume();
+    b.create(&key, &record("b"), TTL).await.unwrap();
+    let by_a = a.create(&key, &record("a"), TTL).await;
+    assert!(
+        matches!(by_a, Err(session_core::StoreError::AlreadyExists)),
+        "both creates of one key were acknowledged: {by_a:?}"
+    );
+    assert_eq!(a.load(&key).await.unwrap().unwrap().record, record("b"));
+    assert_eq!(b.load(&key).await.unwrap().unwrap().record, record("b"));
+}
