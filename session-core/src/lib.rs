@@ -34,7 +34,8 @@ pub use config::{CookieConfig, SameKeyConflict, SameSite, SessionConfig};
 pub use error::{ConfigError, KeyError, RandomnessError, SessionError, StoreError};
 pub use id::{KeyPrefix, SESSION_ID_LEN, SessionId, StorageKey};
 pub use manager::{
-    CommitOutcome, CommitStatus, CookieDirective, SessionManager, find_cookie, find_cookies,
+    CommitOutcome, CommitStatus, CookieDirective, RequestCookie, SessionManager, find_cookie,
+    find_cookies,
 };
 pub use record::Record;
 pub use session::Session;

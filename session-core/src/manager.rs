@@ -15,6 +15,7 @@ use crate::id::{SessionId, StorageKey};
 use crate::observe::{self, Event, ObservedStore};
 use crate::record::Record;
 use crate::session::{Origin, Session, StoredSession};
+use crate::signing::VerifiedCookie;
 use crate::store::{LoadedRecord, MIN_TTL, SessionStore, StoredEntry, Version};
 
 /// How many ids `create` draws before giving up on collisions.
@@ -93,6 +94,27 @@ impl fmt::Debug for CookieDirective {
             )
             .field("max_age", &self.max_age)
             .finish_non_exhaustive()
+    }
+}
+
+/// A request's session cookie, found among its `Cookie` headers and verified once by
+/// [`SessionManager::verify_request_cookie`]; [`SessionManager::load_request`] takes it.
+#[derive(Clone, Debug)]
+pub struct RequestCookie {
+    /// The cookie that verified; `None` for a cookie of the session's name that the manager
+    /// did not sign.
+    verified: Option<VerifiedCookie>,
+}
+
+impl RequestCookie {
+    /// Whether the cookie is one the manager signed.
+    pub fn is_valid(&self) -> bool {
+        self.verified.is_some()
+    }
+
+    /// The cookie, if it verified.
+    pub fn verified(&self) -> Option<&VerifiedCookie> {
+        self.verified.as_ref()
     }
 }
 
@@ -342,6 +364,72 @@ impl SessionManager {
             .find(|value| self.config.keys.verify(name, value).is_some())
     }
 
+    /// The session cookie among a request's `Cookie` headers (raw bytes, as for
+    /// [`request_cookie`](Self::request_cookie)), verified once: the first cookie of the
+    /// session's name that this manager signed, else an invalid one if any cookie has the
+    /// name, else `None`. [`load_request`](Self::load_request) loads its session without
+    /// verifying it again.
+    pub fn verify_request_cookie<'a>(
+        &self,
+        cookie_headers: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Option<RequestCookie> {
+        let name = &self.config.cookie.name;
+        let mut found = false;
+        for header in cookie_headers {
+            let header = String::from_utf8_lossy(header);
+            for value in find_cookies(&header, name) {
+                found = true;
+                if let Some(verified) = self.config.keys.verify(name, value) {
+                    return Some(RequestCookie {
+                        verified: Some(verified),
+                    });
+                }
+            }
+        }
+        found.then_some(RequestCookie { verified: None })
+    }
+
+    /// Loads the session of a cookie [`verify_request_cookie`](Self::verify_request_cookie)
+    /// found, as [`load`](Self::load) does, without verifying it again.
+    pub async fn load_request(
+        &self,
+        cookie: Option<&RequestCookie>,
+    ) -> Result<Session, SessionError> {
+        let verified = match cookie {
+            None => Err("no_cookie"),
+            Some(RequestCookie { verified: None }) => Err("bad_cookie"),
+            Some(RequestCookie {
+                verified: Some(verified),
+            }) => Ok(verified.clone()),
+        };
+        self.load_observed(verified).await
+    }
+
+    /// Whether committing `session` would call the store. When it would not (a fresh session
+    /// left empty or destroyed, one whose cookie named a moved session, or a loaded one
+    /// neither changed nor due for a touch), the commit has nothing to protect from a client hanging up, so
+    /// an integration may run it in place instead of on a task of its own.
+    pub fn commit_calls_store(&self, session: &Session) -> bool {
+        if session.destroyed {
+            // A delete for a stored session; a create for values set after the destroy.
+            return matches!(session.origin, Origin::Stored(_)) || !session.record.is_empty();
+        }
+        match &session.origin {
+            Origin::Fresh => !session.record.is_empty(),
+            Origin::Moved => false,
+            Origin::Stored(_) if session.cycle_requested || session.is_modified() => true,
+            Origin::Stored(stored) => !matches!(
+                self.ttl_plan(
+                    &session.record,
+                    stored.expires_in,
+                    stored.loaded_at,
+                    SystemTime::now()
+                ),
+                Some((_, false))
+            ),
+        }
+    }
+
     /// Loads the session a request's cookie value names.
     ///
     /// A missing, malformed, tampered or unknown cookie, an expired session and a stored record
@@ -349,6 +437,23 @@ impl SessionManager {
     /// A cookie whose session moved to a new id gives a session that holds nothing and whose
     /// changes are not written (its commit reports them lost). A store fault is an error.
     pub async fn load(&self, cookie_value: Option<&str>) -> Result<Session, SessionError> {
+        let verified = match cookie_value {
+            None => Err("no_cookie"),
+            Some(value) => self
+                .config
+                .keys
+                .verify(&self.config.cookie.name, value)
+                .ok_or("bad_cookie"),
+        };
+        self.load_observed(verified).await
+    }
+
+    /// Loads the session of a verified cookie (or a fresh one, for the reason given), in a
+    /// span, counted.
+    async fn load_observed(
+        &self,
+        verified: Result<VerifiedCookie, &'static str>,
+    ) -> Result<Session, SessionError> {
         let backend = self.store.backend();
         let span = tracing::debug_span!(
             "session.load",
@@ -357,10 +462,7 @@ impl SessionManager {
             elapsed_us = tracing::field::Empty,
         );
         let started = Instant::now();
-        let loaded = self
-            .load_counted(cookie_value)
-            .instrument(span.clone())
-            .await;
+        let loaded = self.load_counted(verified).instrument(span.clone()).await;
         let outcome = match &loaded {
             Ok((_, outcome)) => outcome,
             Err(error) => {
@@ -379,17 +481,9 @@ impl SessionManager {
     /// Loads as [`load`](Self::load) does; counts the load and gives its outcome.
     async fn load_counted(
         &self,
-        cookie_value: Option<&str>,
+        verified: Result<VerifiedCookie, &'static str>,
     ) -> Result<(Session, &'static str), SessionError> {
         let now = SystemTime::now();
-        let verified = match cookie_value {
-            None => Err("no_cookie"),
-            Some(value) => self
-                .config
-                .keys
-                .verify(&self.config.cookie.name, value)
-                .ok_or("bad_cookie"),
-        };
         let (session, outcome) = match verified {
             Err(outcome) => (self.fresh(now), outcome),
             Ok(verified) => {
@@ -402,11 +496,10 @@ impl SessionManager {
         Ok((session, outcome))
     }
 
-    /// Loads the session of a cookie that verified.
     /// Loads the session of a cookie that verified; gives the load's outcome too.
     async fn load_verified(
         &self,
-        verified: crate::signing::VerifiedCookie,
+        verified: VerifiedCookie,
         now: SystemTime,
     ) -> Result<(Session, &'static str), SessionError> {
         let key = StorageKey::derive(&self.config.key_prefix, &verified.id);

@@ -136,7 +136,7 @@ pub struct KeyRing {
 }
 
 /// A cookie value whose signature verified.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct VerifiedCookie {
     /// The session id the cookie carries.
     pub(crate) id: SessionId,

@@ -2,7 +2,7 @@
 //!
 //! `cargo run -p session-memcached --example against_memcached -- memcached://127.0.0.1:11211`
 //! (start one first with `memcached -l 127.0.0.1 -p 11211`). Several servers and options go in
-//! the URL: `memcached://127.0.0.1:11211,127.0.0.1:11212?timeout_ms=250&max_idle=32`.
+//! the URL: `memcached://127.0.0.1:11211,127.0.0.1:11212?timeout_ms=250&connections=2`.
 
 use std::error::Error;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! [`MemcachedConfig`]: servers, timeouts, pool bounds, key prefix and item size, built in code
+//! [`MemcachedConfig`]: servers, timeouts, connections, key prefix and item size, built in code
 //! or parsed from a `memcached://` URL.
 
 use std::error::Error;
@@ -11,8 +11,8 @@ pub struct MemcachedConfig {
     pub(crate) servers: Vec<String>,
     pub(crate) connect_timeout: Duration,
     pub(crate) io_timeout: Duration,
-    pub(crate) max_idle: usize,
-    pub(crate) max_connections: Option<usize>,
+    pub(crate) connections: usize,
+    pub(crate) max_in_flight: Option<usize>,
     pub(crate) key_prefix: String,
     pub(crate) max_item_size: usize,
     pub(crate) replicas: usize,
@@ -27,11 +27,11 @@ impl MemcachedConfig {
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
     /// Default time allowed for one request and its response.
     pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(1);
-    /// Default idle connections kept per server (size it to the expected concurrency).
-    pub const DEFAULT_MAX_IDLE: usize = 64;
-    /// Default cap on connections in use per server (see
-    /// [`max_connections`](Self::max_connections) for the sizing rule).
-    pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+    /// Default number of connections per server, each carrying many requests at once.
+    pub const DEFAULT_CONNECTIONS: usize = 2;
+    /// Default cap on requests in flight per server (see
+    /// [`max_in_flight`](Self::max_in_flight)).
+    pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
     /// Default time between probes of a server that stopped answering.
     pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
     /// Default least lifetime of a tombstone written while a replica does not answer.
@@ -49,8 +49,8 @@ impl MemcachedConfig {
             servers: servers.into_iter().map(Into::into).collect(),
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             io_timeout: Self::DEFAULT_IO_TIMEOUT,
-            max_idle: Self::DEFAULT_MAX_IDLE,
-            max_connections: Some(Self::DEFAULT_MAX_CONNECTIONS),
+            connections: Self::DEFAULT_CONNECTIONS,
+            max_in_flight: Some(Self::DEFAULT_MAX_IN_FLIGHT),
             key_prefix: String::new(),
             max_item_size: Self::DEFAULT_MAX_ITEM_SIZE,
             replicas: 1,
@@ -61,8 +61,8 @@ impl MemcachedConfig {
 
     /// Parses `memcached://host[:port][,host[:port]...][?parameters]`.
     ///
-    /// Parameters: `timeout_ms` (I/O timeout), `connect_timeout_ms`, `max_idle`,
-    /// `max_connections`, `key_prefix`, `max_item_size` (bytes), `replicas`,
+    /// Parameters: `timeout_ms` (I/O timeout), `connect_timeout_ms`, `connections`,
+    /// `max_in_flight`, `key_prefix`, `max_item_size` (bytes), `replicas`,
     /// `retry_interval_ms`, `tombstone_ttl_secs`. For example
     /// `memcached://10.0.0.1:11211,10.0.0.2:11211,10.0.0.3:11211?timeout_ms=250&replicas=2`.
     pub fn from_url(url: &str) -> Result<Self, UrlError> {
@@ -90,8 +90,8 @@ impl MemcachedConfig {
             match name {
                 "timeout_ms" => config.io_timeout = Duration::from_millis(number()?),
                 "connect_timeout_ms" => config.connect_timeout = Duration::from_millis(number()?),
-                "max_idle" => config.max_idle = to_usize(number()?, name)?,
-                "max_connections" => config.max_connections = Some(to_usize(number()?, name)?),
+                "connections" => config.connections = to_usize(number()?, name)?,
+                "max_in_flight" => config.max_in_flight = Some(to_usize(number()?, name)?),
                 "max_item_size" => config.max_item_size = to_usize(number()?, name)?,
                 "key_prefix" => config.key_prefix = value.to_owned(),
                 "replicas" => config.replicas = to_usize(number()?, name)?,
@@ -115,23 +115,22 @@ impl MemcachedConfig {
         self
     }
 
-    /// Idle connections kept per server (default 64). Concurrency above it dials extra
-    /// connections that are closed after use, so size it to the expected concurrency.
-    pub fn max_idle(mut self, connections: usize) -> Self {
-        self.max_idle = connections;
+    /// Connections per server (default 2). Each carries many requests at once: the requests
+    /// of every task are queued on it and written together, so a few connections serve any
+    /// number of concurrent requests. More can help a server with many cores under very high
+    /// load; a request is lost with its connection when that fails (a hung server's timeout
+    /// fails every request queued on the connection).
+    pub fn connections(mut self, connections: usize) -> Self {
+        self.connections = connections;
         self
     }
 
-    /// Connections in use per server at most (default 256; `None` for no cap). At the cap, a
-    /// request waits for a free connection up to the connect timeout.
-    ///
-    /// Sizing: a store operation holds one connection per server it asks, for one exchange,
-    /// so a server sees at most as many connections from one process as that process runs
-    /// store operations at once. Set the cap to the most concurrent requests one process
-    /// serves (the default suits up to 256), and check that the servers' connection limit
-    /// (memcached's `-c`, default 1024) covers the cap times the number of processes.
-    pub fn max_connections(mut self, connections: Option<usize>) -> Self {
-        self.max_connections = connections;
+    /// Requests in flight per server at most (default 4096; `None` for no cap). At the cap, a
+    /// request waits for one to finish, up to the connect timeout, then fails as a timeout
+    /// without the server being counted down. The cap bounds the memory a hung server can
+    /// tie up while its requests wait out their timeout.
+    pub fn max_in_flight(mut self, requests: Option<usize>) -> Self {
+        self.max_in_flight = requests;
         self
     }
 
@@ -179,8 +178,8 @@ impl MemcachedConfig {
     }
 
     /// The longest any single request to a server may take before it is reported as a
-    /// timeout: a wait for a free connection (at the cap), one dial, one redial of a dead
-    /// pooled connection, and the exchange. An operation of a replicated store makes at most
+    /// timeout: a wait for a free slot (at the in-flight cap), one dial, one redial of a
+    /// connection that failed as the request was queued, and the exchange. An operation of a replicated store makes at most
     /// two such steps one after the other (a read, then a write).
     pub fn operation_deadline(&self) -> Duration {
         3 * self.connect_timeout + self.io_timeout
@@ -211,7 +210,7 @@ impl MemcachedConfig {
         {
             return Err(ConfigError::ZeroTimeout);
         }
-        if self.max_connections == Some(0) {
+        if self.connections == 0 || self.max_in_flight == Some(0) {
             return Err(ConfigError::NoConnections);
         }
         if self.servers.len() > usize::from(u16::MAX) {
@@ -341,7 +340,7 @@ pub enum ConfigError {
     },
     /// More than 65,535 servers.
     TooManyServers,
-    /// A connection cap of zero.
+    /// Zero connections per server, or a cap of zero requests in flight.
     NoConnections,
     /// A server is listed twice (after adding the default port), which would put two copies
     /// of a session on one server.
@@ -377,7 +376,7 @@ impl fmt::Display for ConfigError {
                 write!(f, "the maximum item size must be at least {min}")
             }
             Self::TooManyServers => f.write_str("at most 65535 memcached servers"),
-            Self::NoConnections => f.write_str("max_connections must be above zero"),
+            Self::NoConnections => f.write_str("connections and max_in_flight must be above zero"),
             Self::DuplicateServer(server) => {
                 write!(f, "the memcached server {server} is listed twice")
             }
@@ -416,7 +415,7 @@ mod tests {
     #[test]
     fn urls_parse_servers_and_parameters() {
         let config = MemcachedConfig::from_url(
-            "memcached://10.0.0.1:11211,10.0.0.2,[::1]:11300,[fe80::1]?timeout_ms=250&connect_timeout_ms=100&max_idle=16&max_connections=64&key_prefix=app1:&max_item_size=2097152",
+            "memcached://10.0.0.1:11211,10.0.0.2,[::1]:11300,[fe80::1]?timeout_ms=250&connect_timeout_ms=100&connections=3&max_in_flight=64&key_prefix=app1:&max_item_size=2097152",
         )
         .unwrap();
         assert_eq!(
@@ -430,8 +429,8 @@ mod tests {
         );
         assert_eq!(config.io_timeout, Duration::from_millis(250));
         assert_eq!(config.connect_timeout, Duration::from_millis(100));
-        assert_eq!(config.max_idle, 16);
-        assert_eq!(config.max_connections, Some(64));
+        assert_eq!(config.connections, 3);
+        assert_eq!(config.max_in_flight, Some(64));
         assert_eq!(config.key_prefix, "app1:");
         assert_eq!(config.max_item_size, 2 * 1024 * 1024);
         assert_eq!(

@@ -20,14 +20,14 @@
 //! lasts (as long as any copy of the session it replaced could), so that a stale copy on a
 //! replica that missed the id cycle cannot come back after the marker expires.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use memcache::exp::{GetStatus, Meta, MutationResult, MutationStatus, Ttl};
 use session_core::StoreError;
 
+use crate::mux::CallError;
 use crate::nodes::Node;
+use crate::wire::{Reply, Request, SetMode, Status, Ttl};
 
 /// The flags of a session written by a single-copy store.
 pub(crate) const SESSION_FLAGS: u32 = 0;
@@ -159,26 +159,23 @@ pub(crate) async fn get(
     key: &str,
     deadline: Duration,
 ) -> Result<Option<Item>, StoreError> {
-    let client = node.client();
-    let request = client
-        .get(key.as_bytes())
-        .meta(Meta::NONE.cas().ttl())
-        .send();
-    let result = call(node, operation, deadline, request).await?;
-    let (GetStatus::Hit, Some(value)) = (result.status, result.value) else {
-        return Ok(None);
-    };
-    let cas = result
-        .item
+    let reply = call(node, operation, deadline, Request::Get { key }).await?;
+    match reply.status {
+        Status::Value => {}
+        Status::Miss => return Ok(None),
+        other => return Err(unexpected(operation, format!("unexpected reply {other:?}"))),
+    }
+    let cas = reply
         .cas
         .ok_or_else(|| unexpected(operation, "no CAS value in the reply".into()))?;
     let cas = checked_cas(operation, cas)?;
-    let flags = result.client_flags.unwrap_or(SESSION_FLAGS);
+    let flags = reply.client_flags.unwrap_or(SESSION_FLAGS);
+    let value = reply.value.unwrap_or_default();
     Ok(Some(Item {
-        kind: classify(flags, &value, result.item.ttl),
+        kind: classify(flags, &value, reply.ttl),
         flags,
         cas,
-        ttl: result.item.ttl,
+        ttl: reply.ttl,
         value,
     }))
 }
@@ -192,7 +189,41 @@ pub(crate) struct Put<'a> {
     pub(crate) condition: Condition,
 }
 
-/// `ms <key> <size> T<ttl> F<flags> [C<cas>|ME] c`: sets `key` on `node`, asking for the new
+/// What a write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MutationStatus {
+    /// Stored (`HD`), or deleted.
+    Applied,
+    /// An add found an item there (`NS`).
+    NotStored,
+    /// The CAS did not match (`EX`).
+    CasMismatch,
+    /// A compare-and-set write or a delete found no item (`NF`).
+    NotFound,
+}
+
+/// A write's outcome and, when stored, the item's new CAS.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MutationResult {
+    pub(crate) status: MutationStatus,
+    pub(crate) cas: Option<u64>,
+}
+
+fn mutation(operation: &'static str, reply: &Reply) -> Result<MutationResult, StoreError> {
+    let status = match reply.status {
+        Status::Done => MutationStatus::Applied,
+        Status::NotStored => MutationStatus::NotStored,
+        Status::Exists => MutationStatus::CasMismatch,
+        Status::NotFound => MutationStatus::NotFound,
+        other => return Err(unexpected(operation, format!("unexpected reply {other:?}"))),
+    };
+    Ok(MutationResult {
+        status,
+        cas: reply.cas,
+    })
+}
+
+/// `ms <key> <size> T<ttl> F<flags> c [C<cas>|ME]`: sets `key` on `node`, asking for the new
 /// CAS.
 pub(crate) async fn set(
     node: &Arc<Node>,
@@ -220,53 +251,85 @@ pub(crate) async fn set_telling(
     put: Put<'_>,
     deadline: Duration,
 ) -> Result<MutationResult, SetFailed> {
+    let mode = match put.condition {
+        Condition::Always => SetMode::Set,
+        Condition::Absent => SetMode::Add,
+        Condition::Cas(cas) => SetMode::Cas(cas),
+    };
+    let request = Request::Set {
+        key,
+        value: put.value,
+        flags: put.flags,
+        ttl: put.ttl,
+        mode,
+    };
+    let reply = call_telling(node, operation, deadline, request).await?;
+    mutation(operation, &reply).map_err(|error| SetFailed {
+        error,
+        maybe_applied: false,
+    })
+}
+
+/// `md <key> [C<cas>]`.
+pub(crate) async fn delete(
+    node: &Arc<Node>,
+    operation: &'static str,
+    key: &str,
+    cas: Option<u64>,
+    deadline: Duration,
+) -> Result<MutationStatus, StoreError> {
+    let reply = call(node, operation, deadline, Request::Delete { key, cas }).await?;
+    mutation(operation, &reply).map(|result| result.status)
+}
+
+/// Sends one request to `node` and maps its failure; a transport failure also marks the
+/// server down (see [`Node::report_failure`]). The connection bounds every call itself (a
+/// dial by the connect timeout, an exchange by the I/O timeout, watched by one timer per
+/// connection, a wait for a free slot under the in-flight cap by the connect timeout), so no
+/// timer of our own is armed on this hot path; the fault tests check the bound.
+pub(crate) async fn call(
+    node: &Arc<Node>,
+    operation: &'static str,
+    deadline: Duration,
+    request: Request<'_>,
+) -> Result<Reply, StoreError> {
+    call_telling(node, operation, deadline, request)
+        .await
+        .map_err(|failed| failed.error)
+}
+
+async fn call_telling(
+    node: &Arc<Node>,
+    operation: &'static str,
+    deadline: Duration,
+    request: Request<'_>,
+) -> Result<Reply, SetFailed> {
     let _permit = node.permit().await.map_err(|()| SetFailed {
         error: no_connection(operation, deadline),
         maybe_applied: false,
     })?;
-    let client = node.client();
-    let request = client
-        .set(key.as_bytes(), put.value)
-        .client_flags(put.flags)
-        .ttl(put.ttl)
-        .return_cas();
-    let request = match put.condition {
-        Condition::Always => request,
-        Condition::Absent => request.add(),
-        Condition::Cas(cas) => request.compare_cas(cas),
-    };
-    request.send().await.map_err(|error| SetFailed {
-        maybe_applied: error.is_ambiguous(),
-        error: failed(node, operation, deadline, error),
-    })
+    node.client()
+        .call(request)
+        .await
+        .map_err(|error| SetFailed {
+            maybe_applied: error.maybe_applied(),
+            error: failed(node, operation, deadline, error),
+        })
 }
 
-/// Runs one client call against `node` and maps its failure; a transport failure also marks
-/// the server down (see [`Node::report_failure`]). The client bounds every call itself (a dial
-/// by the connect timeout, an exchange by the I/O timeout, a wait for a pooled connection by
-/// the connect timeout), so no timer of our own is armed on this hot path; the fault tests
-/// check the bound.
-pub(crate) async fn call<T>(
-    node: &Arc<Node>,
-    operation: &'static str,
-    deadline: Duration,
-    request: impl Future<Output = memcache::exp::Result<T>>,
-) -> Result<T, StoreError> {
-    let _permit = node
-        .permit()
-        .await
-        .map_err(|()| no_connection(operation, deadline))?;
-    request
-        .await
-        .map_err(|error| failed(node, operation, deadline, error))
-}
-
-/// The error of a request that found no free connection in time (see [`Node::permit`]).
+/// The error of a request that found no free slot in time (see [`Node::permit`]).
 fn no_connection(operation: &'static str, deadline: Duration) -> StoreError {
     StoreError::Timeout {
         operation,
         after: deadline,
     }
+}
+
+/// Whether a touch found the item, and its client flags.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Touched {
+    pub(crate) hit: bool,
+    pub(crate) client_flags: Option<u32>,
 }
 
 /// `mg <key> T<ttl> f` without the value: sets the item's TTL, and tells whether it was there
@@ -276,72 +339,76 @@ pub(crate) async fn touch(
     key: &str,
     ttl: Ttl,
     deadline: Duration,
-) -> Result<memcache::exp::GetResult, StoreError> {
-    let client = node.client();
-    let request = client.get(key.as_bytes()).touch(ttl).without_value().send();
-    call(node, "touch", deadline, request).await
+) -> Result<Touched, StoreError> {
+    let reply = call(node, "touch", deadline, Request::Touch { key, ttl }).await?;
+    let hit = match reply.status {
+        Status::Done | Status::Value => true,
+        Status::Miss => false,
+        other => return Err(unexpected("touch", format!("unexpected reply {other:?}"))),
+    };
+    Ok(Touched {
+        hit,
+        client_flags: reply.client_flags,
+    })
 }
 
-/// Maps a client error, reporting a transport failure to the server's health. (A request that
-/// waits too long for one of this process's own connections fails before it gets here, in
-/// [`Node::permit`]: that says nothing about the server.)
+/// Maps a connection's error, reporting a transport failure to the server's health. (A
+/// request that waits too long for a slot under this process's own in-flight cap fails
+/// before it gets here, in [`Node::permit`]: that says nothing about the server.)
 fn failed(
     node: &Arc<Node>,
     operation: &'static str,
     deadline: Duration,
-    error: memcache::exp::Error,
+    error: CallError,
 ) -> StoreError {
-    use memcache::exp::Error as E;
-    if matches!(error, E::Io(_) | E::Timeout { .. } | E::Ambiguous { .. }) {
+    if error.is_transport() {
         node.report_failure();
     }
-    map_error(operation, error, deadline)
-}
-
-/// Transport timeouts (a hung server) become [`StoreError::Timeout`]; anything else is
-/// [`StoreError::Backend`] with the client's error, less its key, as its source.
-fn map_error(operation: &'static str, error: memcache::exp::Error, after: Duration) -> StoreError {
-    use memcache::exp::Error as E;
-    let timed_out = |e: &E| match e {
-        E::Timeout { .. } => true,
-        E::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
-        _ => false,
-    };
-    let is_timeout = match &error {
-        E::Ambiguous { source, .. } => timed_out(source),
-        other => timed_out(other),
-    };
-    if is_timeout {
-        StoreError::Timeout { operation, after }
-    } else {
-        StoreError::Backend {
+    match error {
+        CallError::TimedOut | CallError::ConnectTimedOut => StoreError::Timeout {
             operation,
-            source: Box::new(RequestFailure::from(error)),
-        }
+            after: deadline,
+        },
+        other => StoreError::Backend {
+            operation,
+            source: Box::new(RequestFailure::from(other)),
+        },
     }
 }
 
-/// Why a request to memcached failed: the source of a [`StoreError::Backend`]. The client's
-/// errors name the key of the failed request; this keeps everything but the key, so that an
-/// application logging the error chain never logs a storage key.
+/// Why a request to memcached failed: the source of a [`StoreError::Backend`]. None of these
+/// names the request's key, so an application logging the error chain never logs a storage
+/// key.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum RequestFailure {
-    /// The server did not answer in time.
-    TimedOut,
-    /// The request was written in full but not answered: it may have been applied.
-    Unanswered(Box<RequestFailure>),
-    /// Any other failure the client reported (none of these carries a key).
-    Client(memcache::exp::Error),
+    /// No connection to the server could be made (nothing was sent).
+    Connect(std::io::Error),
+    /// The request was queued or sent, and its connection failed before the reply came: it
+    /// may have been applied.
+    Unanswered(std::io::Error),
+    /// The server answered `SERVER_ERROR` with this message.
+    Server(String),
+    /// The server answered `CLIENT_ERROR` (or `ERROR`) with this message.
+    Rejected(String),
+    /// The server sent something that is no meta-protocol reply.
+    Malformed(&'static str),
+    /// The key was refused before sending (empty, too long, or holding a space or control
+    /// byte).
+    BadKey,
 }
 
-impl From<memcache::exp::Error> for RequestFailure {
-    fn from(error: memcache::exp::Error) -> Self {
-        use memcache::exp::Error as E;
+impl From<CallError> for RequestFailure {
+    fn from(error: CallError) -> Self {
         match error {
-            E::Timeout { .. } => Self::TimedOut,
-            E::Ambiguous { source, .. } => Self::Unanswered(Box::new(Self::from(*source))),
-            other => Self::Client(other),
+            CallError::Encode(_) => Self::BadKey,
+            CallError::Connect(kind, message) => Self::Connect(std::io::Error::new(kind, message)),
+            CallError::ConnectTimedOut => Self::Connect(std::io::ErrorKind::TimedOut.into()),
+            CallError::TimedOut => Self::Unanswered(std::io::ErrorKind::TimedOut.into()),
+            CallError::Lost(kind, message) => Self::Unanswered(std::io::Error::new(kind, message)),
+            CallError::Server(message) => Self::Server(message),
+            CallError::Rejected(message) => Self::Rejected(message),
+            CallError::Garbage(what) => Self::Malformed(what),
         }
     }
 }
@@ -349,11 +416,14 @@ impl From<memcache::exp::Error> for RequestFailure {
 impl std::fmt::Display for RequestFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::TimedOut => f.write_str("memcached did not answer in time"),
-            Self::Unanswered(_) => {
-                f.write_str("the request was sent but not answered; it may have been applied")
-            }
-            Self::Client(error) => write!(f, "{error}"),
+            Self::Connect(_) => f.write_str("could not connect to memcached"),
+            Self::Unanswered(_) => f.write_str(
+                "the connection failed before the reply came; the request may have been applied",
+            ),
+            Self::Server(message) => write!(f, "memcached answered SERVER_ERROR {message}"),
+            Self::Rejected(message) => write!(f, "memcached rejected the request: {message}"),
+            Self::Malformed(what) => write!(f, "memcached sent a malformed reply: {what}"),
+            Self::BadKey => f.write_str("the key is not one memcached accepts"),
         }
     }
 }
@@ -361,9 +431,8 @@ impl std::fmt::Display for RequestFailure {
 impl std::error::Error for RequestFailure {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::TimedOut => None,
-            Self::Unanswered(cause) => Some(cause.as_ref()),
-            Self::Client(error) => Some(error),
+            Self::Connect(error) | Self::Unanswered(error) => Some(error),
+            _ => None,
         }
     }
 }

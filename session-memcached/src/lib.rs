@@ -1,9 +1,17 @@
 //! [`MemcachedStore`]: sessions in memcached, the primary backend, on one server or spread over
 //! several by rendezvous hashing, with one copy of each session or several (replicas).
 //!
-//! It speaks memcached's meta protocol through the `memcache` crate's experimental `exp`
-//! client ([`AsyncMetaClient`](memcache::exp::AsyncMetaClient)), pinned to exactly `=0.21.0`,
-//! with one connection pool per server. With one copy (the default):
+//! It speaks memcached's meta protocol over a few multiplexed connections per server
+//! ([`connections`](MemcachedConfig::connections), default
+//! [`DEFAULT_CONNECTIONS`](MemcachedConfig::DEFAULT_CONNECTIONS)): the requests of every task
+//! are queued on them and written together, one `write` for all that gathered while the last
+//! one went out, and the replies are paired with their requests in order, each checked by the
+//! opaque token (`O`) it echoes. A reply that does not come within the I/O timeout, or one out
+//! of step, fails every request on its connection (they may have been applied) and the next
+//! request dials a new one, so no request is ever paired with another's reply. The framing is
+//! written here (`wire.rs`, fuzzed): the `memcache` crate's reply type is filled in by its own
+//! transport, which holds one pooled connection per request in flight. With one copy (the
+//! default):
 //!
 //! | store operation | meta command |
 //! |---|---|
@@ -18,12 +26,12 @@
 //! TTLs are sent as whole seconds rounded up, plus one: memcached's clock ticks once a second,
 //! so an item stored with `T<n>` may expire up to a second before `n` seconds have passed. With
 //! the extra second an entry never expires early, and outlives its TTL by at most two seconds.
-//! TTLs above 30 days are sent as absolute timestamps (memcached's rule), which the client does.
+//! TTLs above 30 days are sent as absolute timestamps (memcached's rule).
 //! A server started with CAS disabled (`-C`) cannot hold sessions safely and is reported as a
 //! backend error. Every operation is bounded by
 //! [`MemcachedConfig::operation_deadline`]: a dead server gives [`StoreError::Backend`], a hung
 //! one [`StoreError::Timeout`], and the store recovers by itself when the server is back
-//! (dead pooled connections are dropped and redialed).
+//! (a failed connection is dropped and the next request dials a new one).
 //!
 //! # Placement
 //!
@@ -43,8 +51,8 @@
 //! A server that fails a request (refused, reset, timed out) is marked down; a background
 //! probe resolves its name again (through the [`Resolver`], by default the system's) and sends
 //! a no-op every [`retry_interval`](MemcachedConfig::retry_interval) until it answers, so a
-//! server that comes back on a new address is reached. Each server's pool is capped (see
-//! [`MemcachedConfig::max_connections`] for the sizing rule).
+//! server that comes back on a new address is reached. The requests in flight to each server
+//! are capped (see [`MemcachedConfig::max_in_flight`]).
 //!
 //! # Replicas
 //!
@@ -162,9 +170,7 @@
 //!   waiting for a timeout). The compare harness reports `replicas=2` beside `replicas=1` on
 //!   the same three servers.
 //!
-//! TLS: the `tls` feature forwards to the `memcache` crate's OpenSSL support. In 0.21.0 the
-//! `exp` client dials plain TCP only, so this store does not yet use TLS even with the feature;
-//! reach a TLS-only memcached through a local TLS tunnel until the client gains it.
+//! TLS: not supported; reach a TLS-only memcached through a local TLS tunnel.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -192,14 +198,29 @@ use session_core::{
 
 mod config;
 mod items;
+mod mux;
 mod nodes;
 mod replicated;
 mod single;
+mod wire;
 
 pub use config::{ConfigError, MemcachedConfig, UrlError};
+
+/// The reply parser, for the fuzzer (`fuzz/`, target `memcached_replies`) and its property
+/// test twin only; not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Takes the first reply off `input` as a connection would: `Ok(None)` when more bytes
+    /// are needed, else the reply (its `Debug` form) and how many bytes it took; `Err` for
+    /// bytes that are no reply.
+    #[allow(clippy::type_complexity)] // reason: a test hook, spelled out once
+    pub fn parse_reply(input: &[u8]) -> Result<Option<(String, usize)>, String> {
+        crate::wire::parse(input)
+            .map(|parsed| parsed.map(|(reply, used)| (format!("{reply:?}"), used)))
+            .map_err(|garbage| garbage.to_string())
+    }
+}
 pub use items::RequestFailure;
-/// The client crate, re-exported so applications use the same version.
-pub use memcache;
 pub use nodes::{MAX_REPLICAS, Resolver, SystemResolver};
 
 use nodes::{Node, Placement, PoolSettings};
@@ -253,8 +274,8 @@ impl MemcachedStore {
         let settings = PoolSettings {
             connect_timeout: config.connect_timeout,
             io_timeout: config.io_timeout,
-            max_idle: config.max_idle,
-            max_connections: config.max_connections,
+            connections: config.connections,
+            max_in_flight: config.max_in_flight,
             retry_interval: config.retry_interval,
         };
         let mut nodes = Vec::with_capacity(config.servers.len());

@@ -1,4 +1,4 @@
-//! The servers: how a key is placed on them (stable rendezvous hashing), one connection pool per
+//! The servers: how a key is placed on them (stable rendezvous hashing), a few multiplexed connections per
 //! server, and each server's health (marked down on a transport failure, probed in the
 //! background, its name resolved again until it answers).
 
@@ -9,7 +9,9 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use memcache::exp::AsyncMetaClient;
+
+use crate::mux::Mux;
+use crate::wire::Request;
 
 /// Turns a server name (`host:port`, as configured) into socket addresses. The store asks it
 /// when it is built, and again whenever a server stops answering, so a server that comes back
@@ -34,32 +36,28 @@ impl Resolver for SystemResolver {
     }
 }
 
-/// The settings every server's connection pool is built with.
+/// The settings every server's connections are built with.
 #[derive(Clone, Debug)]
 pub(crate) struct PoolSettings {
     pub(crate) connect_timeout: Duration,
     pub(crate) io_timeout: Duration,
-    pub(crate) max_idle: usize,
-    pub(crate) max_connections: Option<usize>,
+    pub(crate) connections: usize,
+    pub(crate) max_in_flight: Option<usize>,
     pub(crate) retry_interval: Duration,
 }
 
 impl PoolSettings {
-    async fn client_for(&self, address: SocketAddr) -> io::Result<AsyncMetaClient> {
-        AsyncMetaClient::builder()
-            .connect_timeout(Some(self.connect_timeout))
-            .io_timeout(Some(self.io_timeout))
-            .max_idle(self.max_idle)
-            // The cap is kept by the node's own semaphore (see `Node::permit`), so that a
-            // wait for a connection is never mistaken for a server that does not answer.
-            .max_connections(None)
-            .connect_async(address)
-            .await
-            .map_err(io::Error::other)
+    fn connections_to(&self, address: SocketAddr) -> Mux {
+        Mux::new(
+            address,
+            self.connections,
+            self.connect_timeout,
+            self.io_timeout,
+        )
     }
 }
 
-/// One memcached server: its configured name, its connection pool, and whether it answered
+/// One memcached server: its configured name, its connections, and whether it answered
 /// last time.
 pub(crate) struct Node {
     name: String,
@@ -69,7 +67,7 @@ pub(crate) struct Node {
     probing: AtomicBool,
     /// When a probe last found the server back, if it ever was down.
     back_since: std::sync::Mutex<Option<std::time::Instant>>,
-    /// One permit per connection in use, when connections are capped.
+    /// One permit per request in flight, when requests in flight are capped.
     permits: Option<tokio::sync::Semaphore>,
     /// Counts the server's failures: CAS values remembered from before a failure may belong
     /// to items the server lost (a restart resets its CAS counter), so they are not reused.
@@ -78,10 +76,9 @@ pub(crate) struct Node {
     resolver: Arc<dyn Resolver>,
 }
 
-/// A connection pool and the address it dials.
+/// The connections to the address the server's name resolved to.
 struct Pool {
-    address: SocketAddr,
-    client: Arc<AsyncMetaClient>,
+    connections: Arc<Mux>,
 }
 
 impl Node {
@@ -92,23 +89,23 @@ impl Node {
         resolver: Arc<dyn Resolver>,
     ) -> io::Result<Self> {
         let address = first_address(resolver.as_ref(), &name).await?;
-        let client = Arc::new(settings.client_for(address).await?);
+        let connections = Arc::new(settings.connections_to(address));
         Ok(Self {
             name_hash: fnv1a(name.as_bytes()),
             name,
-            pool: RwLock::new(Pool { address, client }),
+            pool: RwLock::new(Pool { connections }),
             down: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             back_since: std::sync::Mutex::new(None),
-            permits: settings.max_connections.map(tokio::sync::Semaphore::new),
+            permits: settings.max_in_flight.map(tokio::sync::Semaphore::new),
             settings,
             resolver,
         })
     }
 
-    /// Waits for a free connection slot, at most the connect timeout; `Err` when none came
-    /// (this process is at its cap: the server is not to blame).
+    /// Waits for a free slot under the in-flight cap, at most the connect timeout; `Err` when
+    /// none came (this process is at its cap: the server is not to blame).
     pub(crate) async fn permit(&self) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, ()> {
         let Some(permits) = &self.permits else {
             return Ok(None);
@@ -124,9 +121,15 @@ impl Node {
         &self.name
     }
 
-    /// The connection pool to use now.
-    pub(crate) fn client(&self) -> Arc<AsyncMetaClient> {
-        Arc::clone(&self.pool.read().unwrap_or_else(|e| e.into_inner()).client)
+    /// The connections to use now.
+    pub(crate) fn client(&self) -> Arc<Mux> {
+        Arc::clone(
+            &self
+                .pool
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .connections,
+        )
     }
 
     /// Whether the server failed its last request and has not answered a probe since. A down
@@ -183,16 +186,12 @@ impl Node {
         else {
             return;
         };
-        let current = self.pool.read().unwrap_or_else(|e| e.into_inner()).address;
-        if address == current {
+        if address == self.client().address() {
             return;
         }
-        if let Ok(client) = self.settings.client_for(address).await {
-            *self.pool.write().unwrap_or_else(|e| e.into_inner()) = Pool {
-                address,
-                client: Arc::new(client),
-            };
-        }
+        *self.pool.write().unwrap_or_else(|e| e.into_inner()) = Pool {
+            connections: Arc::new(self.settings.connections_to(address)),
+        };
     }
 }
 
@@ -208,7 +207,7 @@ async fn probe(guard: ProbeGuard) {
             return;
         };
         node.re_resolve().await;
-        if node.client().noop().await.is_ok() {
+        if node.client().call(Request::Noop).await.is_ok() {
             // Probing ends before the server counts as up: a failure reported in between
             // starts a new probe instead of being left with none.
             node.probing.store(false, Ordering::Release);

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
-use memcache::exp::{MutationStatus, Ttl};
 use session_core::codec::DecodeError;
 use session_core::codec::{encode_moved, encode_record_within};
 use session_core::store::{MAX_TTL, MIN_TTL, check_ttl};
@@ -18,10 +17,11 @@ use session_core::{Record, StorageKey, StoreError, StoredEntry, Version};
 
 use crate::MemcachedStore;
 use crate::items::{
-    self, Condition, GENERATION_LEN, GENERATION_SESSION_FLAGS, Item, Kind, Put, TOMBSTONE,
-    expiry_flags, time_left, wire_ttl, written_cas,
+    self, Condition, GENERATION_LEN, GENERATION_SESSION_FLAGS, Item, Kind, MutationStatus, Put,
+    TOMBSTONE, expiry_flags, time_left, wire_ttl, written_cas,
 };
 use crate::nodes::{Node, fnv1a};
+use crate::wire::Ttl;
 
 /// What this process last saw of recently loaded or saved sessions, so that a save right after
 /// a load need not read the replicas again: the compare-and-set on the first replica checks
@@ -619,16 +619,12 @@ impl MemcachedStore {
         generation: u64,
         written: &[(Arc<Node>, u64)],
     ) -> Result<Version, StoreError> {
-        let undo = written.iter().map(|(node, cas)| async move {
-            let client = node.client();
-            let request = client.delete(item_key.as_bytes()).compare_cas(*cas).send();
-            items::call(node, "create", self.deadline, request).await
-        });
+        let undo = written
+            .iter()
+            .map(|(node, cas)| items::delete(node, "create", item_key, Some(*cas), self.deadline));
         let undone = join_all(undo).await;
         match undone.first() {
-            Some(Ok(result)) if result.status == MutationStatus::CasMismatch => {
-                Ok(Version::new(generation))
-            }
+            Some(Ok(MutationStatus::CasMismatch)) => Ok(Version::new(generation)),
             _ => Err(StoreError::AlreadyExists),
         }
     }
@@ -864,7 +860,7 @@ impl MemcachedStore {
         let mut restores = Vec::new();
         for (node, result) in nodes.iter().zip(results) {
             match result {
-                Ok(result) if result.hit() => match result.client_flags {
+                Ok(touched) if touched.hit => match touched.client_flags {
                     Some(flags) if flags > items::LAST_SESSION_FLAGS => {
                         ended = true;
                         restores.push((node, flags));

@@ -4,17 +4,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use memcache::exp::{GetStatus, MutationStatus, Ttl};
 use session_core::codec::{DecodeError, encode_moved, encode_record_within};
 use session_core::store::check_ttl;
 use session_core::{Record, StorageKey, StoreError, StoredEntry, Version};
 
 use crate::MemcachedStore;
 use crate::items::{
-    self, Condition, Kind, LAST_SESSION_FLAGS, Put, SESSION_FLAGS, expiry_flags, time_left,
-    unexpected, wire_ttl, written_cas,
+    self, Condition, Kind, LAST_SESSION_FLAGS, MutationStatus, Put, SESSION_FLAGS, expiry_flags,
+    time_left, unexpected, wire_ttl, written_cas,
 };
 use crate::nodes::Node;
+use crate::wire::Ttl;
 
 impl MemcachedStore {
     pub(crate) async fn single_create(
@@ -41,7 +41,7 @@ impl MemcachedStore {
         )
         .await?;
         match result.status {
-            MutationStatus::AlreadyExists => Err(StoreError::AlreadyExists),
+            MutationStatus::NotStored => Err(StoreError::AlreadyExists),
             _ => written_cas("create", &result).map(Version::new),
         }
     }
@@ -153,16 +153,16 @@ impl MemcachedStore {
     ) -> Result<bool, StoreError> {
         check_ttl(ttl)?;
         let item_key = self.item_key(key);
-        let result = items::touch(node, &item_key, wire_ttl(ttl), self.deadline).await?;
-        match result.client_flags {
+        let touched = items::touch(node, &item_key, wire_ttl(ttl), self.deadline).await?;
+        match touched.client_flags {
             // A marker or tombstone: memcached touched it before answering, so give it back its
             // own expiry (a second request, only when a touch races an id cycle or a logout).
-            Some(expires) if expires > LAST_SESSION_FLAGS && result.status == GetStatus::Hit => {
+            Some(expires) if expires > LAST_SESSION_FLAGS && touched.hit => {
                 let restore = Ttl::from(time_left(expires));
                 items::touch(node, &item_key, restore, self.deadline).await?;
                 Ok(false)
             }
-            _ => Ok(result.status == GetStatus::Hit),
+            _ => Ok(touched.hit),
         }
     }
 
@@ -178,14 +178,9 @@ impl MemcachedStore {
             "delete"
         };
         let item_key = self.item_key(key);
-        let client = node.client();
-        let request = client.delete(item_key.as_bytes());
-        let request = match version {
-            Some(version) => request.compare_cas(version.get()),
-            None => request,
-        };
-        let result = items::call(node, operation, self.deadline, request.send()).await?;
-        match (result.status, version) {
+        let cas = version.map(Version::get);
+        let status = items::delete(node, operation, &item_key, cas, self.deadline).await?;
+        match (status, version) {
             (MutationStatus::Applied, _) | (MutationStatus::NotFound, None) => Ok(()),
             (MutationStatus::NotFound, Some(_)) => Err(StoreError::NotFound),
             (MutationStatus::CasMismatch, Some(_)) => Err(StoreError::Conflict),

@@ -113,7 +113,7 @@ async fn urls_with_several_servers_build_a_working_store() {
         return;
     };
     let url = format!(
-        "memcached://{},{}?timeout_ms=250&connect_timeout_ms=250&max_idle=4",
+        "memcached://{},{}?timeout_ms=250&connect_timeout_ms=250&connections=1",
         servers[0].address(),
         servers[1].address()
     );

@@ -450,17 +450,17 @@ async fn a_replica_that_missed_an_id_cycle_does_not_bring_the_old_id_back() {
     assert!(entry.is_none(), "the old id came back: {entry:?}");
 }
 
-/// Review finding: a burst that exhausts this process's own connection pool says nothing
+/// Review finding: a burst that reaches this process's own in-flight cap says nothing
 /// about the server, and must not mark it down (its deletes would then skip it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_exhausted_connection_pool_does_not_count_as_a_dead_server() {
+async fn an_exhausted_in_flight_cap_does_not_count_as_a_dead_server() {
     let Some(servers) = three_servers() else {
         return;
     };
-    // One connection per server, a wait for it of at most 2 ms, and a large session that
-    // keeps it busy for longer.
+    // One request in flight per server, a wait for a slot of at most 2 ms, and a large
+    // session that keeps the slot busy for longer.
     let config = config(&servers)
-        .max_connections(Some(1))
+        .max_in_flight(Some(1))
         .connect_timeout(Duration::from_millis(2));
     let store = MemcachedStore::connect(config).await.unwrap();
     let busy = new_key();
@@ -492,10 +492,10 @@ async fn an_exhausted_connection_pool_does_not_count_as_a_dead_server() {
     while let Some(failed) = tasks.join_next().await {
         exhausted += usize::from(failed.unwrap());
     }
-    println!("{exhausted} of 50 loads found the pool exhausted");
+    println!("{exhausted} of 50 loads found the in-flight cap reached");
     assert!(
         exhausted > 0,
-        "the burst did not exhaust the pool; the test proves nothing"
+        "the burst did not reach the cap; the test proves nothing"
     );
     store.delete(&key).await.unwrap();
     let reply = server_named(&servers, &shared)
@@ -507,7 +507,7 @@ async fn an_exhausted_connection_pool_does_not_count_as_a_dead_server() {
     );
 
     // During a burst, a logout either fails or ends the session on every replica: a replica
-    // this process has no connection for is not skipped as if it were down.
+    // this process has no free slot for is not skipped as if it were down.
     let other = loop {
         let key = new_key();
         if store.servers_of(&key).contains(&shared.as_str()) {

@@ -29,8 +29,8 @@ fn parameter() -> impl Strategy<Value = String> {
     let names = proptest::sample::select(vec![
         "timeout_ms",
         "connect_timeout_ms",
-        "max_idle",
-        "max_connections",
+        "connections",
+        "max_in_flight",
         "key_prefix",
         "max_item_size",
         "replicas",

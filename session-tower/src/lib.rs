@@ -56,7 +56,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use session_core::{CommitOutcome, CommitStatus, SessionError, SessionManager};
+use session_core::{CommitOutcome, CommitStatus, RequestCookie, SessionError, SessionManager};
 use tokio::sync::Mutex;
 use tracing::Instrument;
 
@@ -76,7 +76,7 @@ enum Slot {
 /// The lazily loaded session of one request, shared by the layer and the handlers.
 struct Shared {
     manager: SessionManager,
-    cookie: Option<String>,
+    cookie: Option<RequestCookie>,
     slot: Mutex<Slot>,
 }
 
@@ -97,7 +97,7 @@ impl fmt::Debug for Session {
 }
 
 impl Session {
-    fn new(manager: SessionManager, cookie: Option<String>) -> Self {
+    fn new(manager: SessionManager, cookie: Option<RequestCookie>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 manager,
@@ -117,7 +117,7 @@ impl Session {
             let loaded = self
                 .shared
                 .manager
-                .load(self.shared.cookie.as_deref())
+                .load_request(self.shared.cookie.as_ref())
                 .await?;
             *slot = Slot::Loaded(loaded);
         }
@@ -412,9 +412,10 @@ pub struct SessionService<S> {
     layer: SessionLayer,
 }
 
-/// The session cookie of a request (see [`SessionManager::request_cookie`]).
-fn request_cookie(headers: &HeaderMap, manager: &SessionManager) -> Option<String> {
-    manager.request_cookie(headers.get_all(COOKIE).iter().map(HeaderValue::as_bytes))
+/// The session cookie of a request, verified once (see
+/// [`SessionManager::verify_request_cookie`]).
+fn request_cookie(headers: &HeaderMap, manager: &SessionManager) -> Option<RequestCookie> {
+    manager.verify_request_cookie(headers.get_all(COOKIE).iter().map(HeaderValue::as_bytes))
 }
 
 /// The comma-separated items of every `name` header, trimmed, empties dropped.
@@ -548,23 +549,31 @@ where
             }
             let discard =
                 (handler_failed || response.status().is_server_error()) && !save_on_server_error;
-            let used = session.take_for_commit().await;
-            if protect_caches && used.is_some() {
+            let Some(used) = session.take_for_commit().await else {
+                // The handler never touched the session: nothing to commit.
+                return Ok(response);
+            };
+            if protect_caches {
                 vary_on_cookie(response.headers_mut());
             }
-            // The commit runs as its own task, so that a client hanging up (which drops this
-            // future) cannot stop a logout's delete or an id cycle half-way. It stays in the
-            // request's span (tower-http's `TraceLayer`, say), so its spans nest under it.
-            let commit = tokio::spawn(
-                async move {
-                    match used {
-                        Some(used) => commit_used(&manager, used, discard).await,
-                        None => Ok(None),
-                    }
-                }
-                .instrument(tracing::Span::current()),
-            );
-            let replace_with = match commit.await {
+            // A failed handler's changes are dropped; only its destroy is carried out.
+            let calls_store =
+                (!discard || used.is_destroyed()) && manager.commit_calls_store(&used);
+            let committed = if calls_store {
+                // The commit runs as its own task, so that a client hanging up (which drops
+                // this future) cannot stop a logout's delete or an id cycle half-way. It stays
+                // in the request's span (tower-http's `TraceLayer`, say), so its spans nest
+                // under it.
+                tokio::spawn(
+                    async move { commit_used(&manager, used, discard).await }
+                        .instrument(tracing::Span::current()),
+                )
+                .await
+            } else {
+                // No store call, so nothing a hang-up could stop half-way: no task.
+                Ok(commit_used(&manager, used, discard).await)
+            };
+            let replace_with = match committed {
                 Ok(Ok(Some(outcome))) => {
                     let cookie = outcome
                         .cookie
@@ -638,7 +647,8 @@ mod tests {
     fn a_signed_cookie_wins_over_planted_ones_of_the_same_name() {
         let manager = manager();
         let keys = KeyRing::single(SigningKey::new([6u8; 32]).unwrap());
-        let valid = keys.sign("session", &SessionId::generate().unwrap());
+        let id = SessionId::generate().unwrap();
+        let valid = keys.sign("session", &id);
         let mut headers = HeaderMap::new();
         headers.append(
             COOKIE,
@@ -648,19 +658,15 @@ mod tests {
             COOKIE,
             HeaderValue::from_str(&format!("session={valid}")).unwrap(),
         );
-        assert_eq!(
-            request_cookie(&headers, &manager).as_deref(),
-            Some(valid.as_str())
-        );
+        let found = request_cookie(&headers, &manager).expect("a session cookie");
+        assert_eq!(found.verified().map(|cookie| cookie.id()), Some(&id));
 
         let mut only_bad = HeaderMap::new();
         only_bad.append(COOKIE, HeaderValue::from_static("x=1; session=abc.def"));
-        assert_eq!(
-            request_cookie(&only_bad, &manager).as_deref(),
-            Some("abc.def")
-        );
+        let found = request_cookie(&only_bad, &manager).expect("a session cookie");
+        assert!(!found.is_valid());
         let mut none = HeaderMap::new();
         none.append(COOKIE, HeaderValue::from_static("novalue; =x; session"));
-        assert_eq!(request_cookie(&none, &manager), None);
+        assert!(request_cookie(&none, &manager).is_none());
     }
 }

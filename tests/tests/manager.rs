@@ -848,3 +848,97 @@ async fn two_first_tokens_made_at_once_never_fail_a_page() {
     let session = manager.load(Some(&cookie)).await.unwrap();
     assert!(session.verify_csrf_token(&first_token));
 }
+
+/// `commit_calls_store` (which lets the tower layer skip a task for a commit that writes
+/// nothing) says exactly whether the commit then calls the store, in every situation a
+/// request can leave a session in.
+#[tokio::test]
+async fn commit_calls_store_agrees_with_what_the_commit_does() {
+    let store = Recording::default();
+    let due = manager_with(
+        &store,
+        SessionConfig::new(KeyRing::single(key(1))).touch_threshold(Duration::from_secs(3600)),
+    );
+    let not_due = manager(&store);
+    let cookie = logged_in(&not_due).await;
+    let cases: Vec<(
+        &str,
+        &SessionManager,
+        Option<&str>,
+        fn(&mut session_core::Session),
+    )> = vec![
+        ("fresh, untouched", &not_due, None, |_| {}),
+        ("fresh, written", &not_due, None, |s| {
+            s.insert("n", &1).unwrap();
+        }),
+        ("fresh, destroyed", &not_due, None, |s| s.destroy()),
+        ("bad cookie, untouched", &not_due, Some("bad"), |_| {}),
+        (
+            "loaded, read only, not due",
+            &not_due,
+            Some(&cookie),
+            |_| {},
+        ),
+        ("loaded, read only, due", &due, Some(&cookie), |_| {}),
+        ("loaded, written", &not_due, Some(&cookie), |s| {
+            s.insert("n", &2).unwrap();
+        }),
+        ("loaded, cycled", &not_due, Some(&cookie), |s| s.cycle_id()),
+        ("fresh, destroyed, then written", &not_due, None, |s| {
+            s.destroy();
+            s.insert("n", &3).unwrap();
+        }),
+        ("loaded, destroyed", &not_due, Some(&cookie), |s| {
+            s.destroy()
+        }),
+    ];
+    for (name, manager, cookie, change) in cases {
+        let mut session = manager.load(cookie).await.unwrap();
+        change(&mut session);
+        let predicted = manager.commit_calls_store(&session);
+        store.take_calls();
+        manager.commit(session).await.unwrap();
+        let calls = store.take_calls();
+        assert_eq!(predicted, !calls.is_empty(), "{name}: {calls:?}");
+    }
+}
+
+/// A cookie verified once by `verify_request_cookie` loads what `load` of its value loads,
+/// and an invalid or missing one gives a fresh session without a store call.
+#[tokio::test]
+async fn a_request_cookie_verified_once_loads_the_same_session() {
+    let store = Recording::default();
+    let manager = manager(&store);
+    let cookie = logged_in(&manager).await;
+    let header = format!("other=1; session={cookie}; session=planted");
+    let found = manager
+        .verify_request_cookie([header.as_bytes()])
+        .expect("a session cookie");
+    assert!(found.is_valid());
+    let by_request = manager.load_request(Some(&found)).await.unwrap();
+    let by_value = manager.load(Some(&cookie)).await.unwrap();
+    assert_eq!(
+        by_request.get::<String>("user").unwrap(),
+        by_value.get::<String>("user").unwrap()
+    );
+    assert_eq!(
+        by_request.get::<String>("user").unwrap().as_deref(),
+        Some("alice")
+    );
+
+    store.take_calls();
+    let planted = manager
+        .verify_request_cookie([b"session=planted".as_slice()])
+        .expect("a cookie of the name");
+    assert!(!planted.is_valid());
+    let fresh = manager.load_request(Some(&planted)).await.unwrap();
+    assert!(fresh.get::<String>("user").unwrap().is_none());
+    assert!(
+        manager
+            .verify_request_cookie([b"other=1".as_slice()])
+            .is_none()
+    );
+    let fresh = manager.load_request(None).await.unwrap();
+    assert!(fresh.get::<String>("user").unwrap().is_none());
+    assert!(store.take_calls().is_empty());
+}

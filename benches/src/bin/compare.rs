@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix_session::storage::{RedisSessionStore, SessionKey, SessionStore as ActixStore};
+use memcache::exp::{AsyncMetaClient, Ttl};
 use session_conformance::harness::{ServerKind, ServerProcess};
 use session_core::codec::{decode_value, encode_record, encode_value};
 use session_core::{KeyPrefix, Record, SessionId, SessionStore, StorageKey};
-use session_memcached::memcache::exp::{AsyncMetaClient, Ttl};
 use session_memcached::{MemcachedConfig, MemcachedStore};
 use session_memory::MemoryStore;
 use session_redis::redis;
@@ -170,7 +170,7 @@ impl Cycler for RawMemcachedCas {
         let got = self
             .client
             .get(key)
-            .meta(session_memcached::memcache::exp::Meta::NONE.cas().ttl())
+            .meta(memcache::exp::Meta::NONE.cas().ttl())
             .send()
             .await
             .unwrap();
@@ -359,7 +359,8 @@ async fn memory_entries() -> Vec<Entry> {
 }
 
 async fn memcached_entries(server: &ServerProcess) -> Vec<Entry> {
-    let idle = MemcachedConfig::DEFAULT_MAX_IDLE;
+    // The raw client's pool keeps one connection per request in flight.
+    let idle = 64;
     let store = MemcachedStore::connect(MemcachedConfig::new([server.address()]))
         .await
         .unwrap();
