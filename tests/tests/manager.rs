@@ -849,6 +849,9 @@ async fn two_first_tokens_made_at_once_never_fail_a_page() {
     assert!(session.verify_csrf_token(&first_token));
 }
 
+/// A change a request makes to its session.
+type Change = fn(&mut session_core::Session);
+
 /// `commit_calls_store` (which lets the tower layer skip a task for a commit that writes
 /// nothing) says exactly whether the commit then calls the store, in every situation a
 /// request can leave a session in.
@@ -861,12 +864,7 @@ async fn commit_calls_store_agrees_with_what_the_commit_does() {
     );
     let not_due = manager(&store);
     let cookie = logged_in(&not_due).await;
-    let cases: Vec<(
-        &str,
-        &SessionManager,
-        Option<&str>,
-        fn(&mut session_core::Session),
-    )> = vec![
+    let cases: Vec<(&str, &SessionManager, Option<&str>, Change)> = vec![
         ("fresh, untouched", &not_due, None, |_| {}),
         ("fresh, written", &not_due, None, |s| {
             s.insert("n", &1).unwrap();
