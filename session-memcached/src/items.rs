@@ -283,10 +283,10 @@ pub(crate) async fn delete(
 }
 
 /// Sends one request to `node` and maps its failure; a transport failure also marks the
-/// server down (see [`Node::report_failure`]). The connection bounds every call itself (a
-/// dial by the connect timeout, an exchange by the I/O timeout, watched by one timer per
-/// connection, a wait for a free slot under the in-flight cap by the connect timeout), so no
-/// timer of our own is armed on this hot path; the fault tests check the bound.
+/// server down (see [`Node::report_failure`]). The connection bounds every call (a wait for a
+/// free slot under the in-flight cap and a dial by the connect timeout each, an exchange by
+/// the I/O timeout, watched by one timer per connection, with a backstop for a connection
+/// whose tasks stopped running); the fault tests check the bound.
 pub(crate) async fn call(
     node: &Arc<Node>,
     operation: &'static str,
@@ -304,12 +304,12 @@ async fn call_telling(
     deadline: Duration,
     request: Request<'_>,
 ) -> Result<Reply, SetFailed> {
-    let _permit = node.permit().await.map_err(|()| SetFailed {
+    let permit = node.permit().await.map_err(|()| SetFailed {
         error: no_connection(operation, deadline),
         maybe_applied: false,
     })?;
     node.client()
-        .call(request)
+        .call(request, permit)
         .await
         .map_err(|error| SetFailed {
             maybe_applied: error.maybe_applied(),
@@ -365,10 +365,12 @@ fn failed(
         node.report_failure();
     }
     match error {
-        CallError::TimedOut | CallError::ConnectTimedOut => StoreError::Timeout {
-            operation,
-            after: deadline,
-        },
+        CallError::TimedOut | CallError::ConnectTimedOut | CallError::Stalled => {
+            StoreError::Timeout {
+                operation,
+                after: deadline,
+            }
+        }
         other => StoreError::Backend {
             operation,
             source: Box::new(RequestFailure::from(other)),
@@ -404,7 +406,9 @@ impl From<CallError> for RequestFailure {
             CallError::Encode(_) => Self::BadKey,
             CallError::Connect(kind, message) => Self::Connect(std::io::Error::new(kind, message)),
             CallError::ConnectTimedOut => Self::Connect(std::io::ErrorKind::TimedOut.into()),
-            CallError::TimedOut => Self::Unanswered(std::io::ErrorKind::TimedOut.into()),
+            CallError::TimedOut | CallError::Stalled => {
+                Self::Unanswered(std::io::ErrorKind::TimedOut.into())
+            }
             CallError::Lost(kind, message) => Self::Unanswered(std::io::Error::new(kind, message)),
             CallError::Server(message) => Self::Server(message),
             CallError::Rejected(message) => Self::Rejected(message),

@@ -8,7 +8,11 @@
 //! one went out, and the replies are paired with their requests in order, each checked by the
 //! opaque token (`O`) it echoes. A reply that does not come within the I/O timeout, or one out
 //! of step, fails every request on its connection (they may have been applied) and the next
-//! request dials a new one, so no request is ever paired with another's reply. The framing is
+//! request dials a new one, so no request is ever paired with another's reply. A
+//! `SERVER_ERROR` counts as not applied, which holds for memcached itself; behind a proxy
+//! that answers `SERVER_ERROR` for a backend that timed out (mcrouter, memcached's proxy
+//! mode), a write so answered may have landed, and a replicated store could decide it again
+//! on another replica. The framing is
 //! written here (`wire.rs`, fuzzed): the `memcache` crate's reply type is filled in by its own
 //! transport, which holds one pooled connection per request in flight. With one copy (the
 //! default):
@@ -215,7 +219,7 @@ pub mod fuzzing {
     /// bytes that are no reply.
     #[allow(clippy::type_complexity)] // reason: a test hook, spelled out once
     pub fn parse_reply(input: &[u8]) -> Result<Option<(String, usize)>, String> {
-        crate::wire::parse(input)
+        crate::wire::parse(input, crate::wire::MAX_VALUE)
             .map(|parsed| parsed.map(|(reply, used)| (format!("{reply:?}"), used)))
             .map_err(|garbage| garbage.to_string())
     }
@@ -274,6 +278,8 @@ impl MemcachedStore {
         let settings = PoolSettings {
             connect_timeout: config.connect_timeout,
             io_timeout: config.io_timeout,
+            // A reply's value: an item, which is at most the configured item size.
+            max_value: config.max_item_size,
             connections: config.connections,
             max_in_flight: config.max_in_flight,
             retry_interval: config.retry_interval,

@@ -41,6 +41,7 @@ impl Resolver for SystemResolver {
 pub(crate) struct PoolSettings {
     pub(crate) connect_timeout: Duration,
     pub(crate) io_timeout: Duration,
+    pub(crate) max_value: usize,
     pub(crate) connections: usize,
     pub(crate) max_in_flight: Option<usize>,
     pub(crate) retry_interval: Duration,
@@ -53,6 +54,7 @@ impl PoolSettings {
             self.connections,
             self.connect_timeout,
             self.io_timeout,
+            self.max_value,
         )
     }
 }
@@ -68,7 +70,7 @@ pub(crate) struct Node {
     /// When a probe last found the server back, if it ever was down.
     back_since: std::sync::Mutex<Option<std::time::Instant>>,
     /// One permit per request in flight, when requests in flight are capped.
-    permits: Option<tokio::sync::Semaphore>,
+    permits: Option<Arc<tokio::sync::Semaphore>>,
     /// Counts the server's failures: CAS values remembered from before a failure may belong
     /// to items the server lost (a restart resets its CAS counter), so they are not reused.
     epoch: AtomicU64,
@@ -98,7 +100,9 @@ impl Node {
             probing: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             back_since: std::sync::Mutex::new(None),
-            permits: settings.max_in_flight.map(tokio::sync::Semaphore::new),
+            permits: settings
+                .max_in_flight
+                .map(|cap| Arc::new(tokio::sync::Semaphore::new(cap))),
             settings,
             resolver,
         })
@@ -106,11 +110,12 @@ impl Node {
 
     /// Waits for a free slot under the in-flight cap, at most the connect timeout; `Err` when
     /// none came (this process is at its cap: the server is not to blame).
-    pub(crate) async fn permit(&self) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, ()> {
+    pub(crate) async fn permit(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ()> {
         let Some(permits) = &self.permits else {
             return Ok(None);
         };
-        match tokio::time::timeout(self.settings.connect_timeout, permits.acquire()).await {
+        let acquire = Arc::clone(permits).acquire_owned();
+        match tokio::time::timeout(self.settings.connect_timeout, acquire).await {
             Ok(Ok(permit)) => Ok(Some(permit)),
             _ => Err(()),
         }
@@ -207,7 +212,7 @@ async fn probe(guard: ProbeGuard) {
             return;
         };
         node.re_resolve().await;
-        if node.client().call(Request::Noop).await.is_ok() {
+        if node.client().call(Request::Noop, None).await.is_ok() {
             // Probing ends before the server counts as up: a failure reported in between
             // starts a new probe instead of being left with none.
             node.probing.store(false, Ordering::Release);

@@ -17,8 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub(crate) const MAX_KEY_LEN: usize = 250;
 /// The longest reply line accepted before the reply counts as garbage.
 const MAX_LINE: usize = 4096;
-/// The largest value a `VA` reply may announce (memcached's own item size limit is 1 GiB at
-/// most; sessions are far smaller, and a corrupt length must not make the reader wait for it).
+/// The largest value a `VA` reply may announce when nothing smaller is given (memcached's own
+/// item size limit is 1 GiB at most). A connection passes the configured item size instead, so
+/// that a corrupt length (or another service on the port) cannot make it buffer more.
 pub(crate) const MAX_VALUE: usize = 256 * 1024 * 1024;
 /// TTLs above this many seconds go on the wire as a Unix time (memcached's rule).
 const MAX_RELATIVE_TTL: u64 = 30 * 24 * 60 * 60;
@@ -249,9 +250,13 @@ impl fmt::Display for Garbage {
 impl std::error::Error for Garbage {}
 
 /// Takes the first complete reply off `input`: `Ok(None)` when more bytes are needed, else the
-/// reply (or the error the server sent) and how many bytes it took.
+/// reply (or the error the server sent) and how many bytes it took. A `VA` value longer than
+/// `max_value` bytes is garbage.
 #[allow(clippy::type_complexity)] // reason: one private parser result, spelled out once
-pub(crate) fn parse(input: &[u8]) -> Result<Option<(Result<Reply, ErrorReply>, usize)>, Garbage> {
+pub(crate) fn parse(
+    input: &[u8],
+    max_value: usize,
+) -> Result<Option<(Result<Reply, ErrorReply>, usize)>, Garbage> {
     let Some(end) = input.windows(2).position(|pair| pair == b"\r\n") else {
         return if input.len() > MAX_LINE {
             Err(Garbage("a reply line without an end"))
@@ -307,7 +312,7 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<(Result<Reply, ErrorReply>, u
         let len = number(len).ok_or(Garbage("a VA reply with a bad length"))?;
         let len = usize::try_from(len)
             .ok()
-            .filter(|len| *len <= MAX_VALUE)
+            .filter(|len| *len <= max_value.min(MAX_VALUE))
             .ok_or(Garbage("a VA reply announcing too large a value"))?;
         value_len = Some(len);
     }
@@ -431,7 +436,7 @@ mod tests {
     }
 
     fn one(input: &[u8]) -> (Result<Reply, ErrorReply>, usize) {
-        parse(input).unwrap().unwrap()
+        parse(input, MAX_VALUE).unwrap().unwrap()
     }
 
     #[test]
@@ -479,9 +484,9 @@ mod tests {
     fn incomplete_replies_wait_for_more_bytes() {
         let whole = b"VA 5 c1 O2\r\nhello\r\n";
         for cut in 0..whole.len() {
-            assert_eq!(parse(&whole[..cut]), Ok(None), "cut at {cut}");
+            assert_eq!(parse(&whole[..cut], MAX_VALUE), Ok(None), "cut at {cut}");
         }
-        assert!(parse(whole).unwrap().is_some());
+        assert!(parse(whole, MAX_VALUE).unwrap().is_some());
     }
 
     #[test]
@@ -501,11 +506,14 @@ mod tests {
             b"HD c\r\n",
         ] {
             assert!(
-                parse(input).is_err(),
+                parse(input, MAX_VALUE).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(input)
             );
         }
-        assert!(parse(&[b'a'; MAX_LINE + 1]).is_err());
+        assert!(parse(&[b'a'; MAX_LINE + 1], MAX_VALUE).is_err());
+        // A value above the configured item size is refused before it is read.
+        assert!(parse(b"VA 1025 O1\r\n", 1024).is_err());
+        assert!(parse(b"VA 1024 O1\r\n", 1024).unwrap().is_none());
     }
 }

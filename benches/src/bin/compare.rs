@@ -50,10 +50,13 @@ impl Plan {
                 memory_sessions: 100_000,
             }
         } else {
+            // Many short windows, every implementation once per round in a rotating order:
+            // a busy moment of the machine falls on all of them alike, and each ratio is taken
+            // within a round.
             Self {
-                warm_up: Duration::from_secs(1),
-                measure: Duration::from_secs(3),
-                rounds: 3,
+                warm_up: Duration::from_millis(250),
+                measure: Duration::from_secs(1),
+                rounds: 9,
                 memory_sessions: 100_000,
             }
         }
@@ -361,9 +364,13 @@ async fn memory_entries() -> Vec<Entry> {
 async fn memcached_entries(server: &ServerProcess) -> Vec<Entry> {
     // The raw client's pool keeps one connection per request in flight.
     let idle = 64;
-    let store = MemcachedStore::connect(MemcachedConfig::new([server.address()]))
-        .await
-        .unwrap();
+    // `COMPARE_MEMCACHED_CONNECTIONS=n` sizes our store's connections, for tuning the default.
+    let connections = std::env::var("COMPARE_MEMCACHED_CONNECTIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(MemcachedConfig::DEFAULT_CONNECTIONS);
+    let config = MemcachedConfig::new([server.address()]).connections(connections);
+    let store = MemcachedStore::connect(config).await.unwrap();
     let client = AsyncMetaClient::builder()
         .max_idle(idle)
         .connect_async(server.address())
@@ -589,10 +596,20 @@ fn today() -> String {
     )
 }
 
+/// The smallest and largest of `values`.
+fn range(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), v| {
+            (low.min(*v), high.max(*v))
+        })
+}
+
 fn markdown(rows: &[Row], memory: &[(String, u64)], plan: Plan) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "Run {}, {}; {} round(s) of {:?} after {:?} warm-up, medians.\n\n",
+        "Run {}, {}; {} interleaved round(s) of {:?} windows after {:?} warm-up each; \
+         medians, and for each ratio the median of the per-round ratios with their range.\n\n",
         today(),
         machine(),
         plan.rounds,
@@ -600,20 +617,31 @@ fn markdown(rows: &[Row], memory: &[(String, u64)], plan: Plan) -> String {
         plan.warm_up
     ));
     out.push_str(
-        "| backend | tasks | implementation | cycles/s | ours ÷ this |\n|---|---:|---|---:|---:|\n",
+        "| backend | tasks | implementation | cycles/s (min–max) | ours ÷ this (min–max) |\n\
+         |---|---:|---|---:|---:|\n",
     );
     for row in rows {
         let ours = rows
             .iter()
-            .find(|r| r.ours && r.backend == row.backend && r.concurrency == row.concurrency)
-            .map_or(f64::NAN, |r| r.median);
+            .find(|r| r.ours && r.backend == row.backend && r.concurrency == row.concurrency);
+        let ratio = match ours {
+            Some(ours) if !row.ours => {
+                let ratios: Vec<f64> = ours
+                    .runs
+                    .iter()
+                    .zip(&row.runs)
+                    .map(|(ours, this)| ours / this)
+                    .collect();
+                let (low, high) = range(&ratios);
+                format!("{:.2} ({low:.2}–{high:.2})", median(&ratios))
+            }
+            Some(_) => "1.00".to_owned(),
+            None => "–".to_owned(),
+        };
+        let (low, high) = range(&row.runs);
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.2} |\n",
-            row.backend,
-            row.concurrency,
-            row.name,
-            row.median,
-            ours / row.median
+            "| {} | {} | {} | {:.0} ({low:.0}–{high:.0}) | {ratio} |\n",
+            row.backend, row.concurrency, row.name, row.median,
         ));
     }
     if !memory.is_empty() {
@@ -730,7 +758,9 @@ async fn compare(plan: Plan) {
     }
     let mut runs: HashMap<(usize, usize), Vec<f64>> = HashMap::new();
     for round in 0..plan.rounds {
-        for (index, entry) in entries.iter().enumerate() {
+        let count = entries.len().max(1);
+        let order = (0..count).map(|i| (i + round) % count);
+        for (index, entry) in order.filter_map(|i| entries.get(i).map(|e| (i, e))) {
             for concurrency in CONCURRENCIES {
                 (entry.run)(concurrency, plan.warm_up).await;
                 let rate = (entry.run)(concurrency, plan.measure).await;
