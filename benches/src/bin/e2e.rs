@@ -49,6 +49,8 @@ const WRK_CONNECTIONS: usize = 32;
 const COUNTER: &str = "counter";
 /// The largest share of a window's requests that may fail before the run is stopped.
 const MAX_ERROR_SHARE: f64 = 0.01;
+/// The share of the machine's CPU used by other processes above which a window is flagged.
+const BUSY_MACHINE: f64 = 0.10;
 /// How long a server process may take to print its ready line.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -710,23 +712,58 @@ impl Stores {
     }
 }
 
-/// CPU time (user plus system) of process `pid` so far, in clock ticks: fields 14 and 15 of
-/// `/proc/<pid>/stat`.
-fn cpu_ticks(pid: u32) -> Result<u64, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("reading /proc/{pid}/stat: {e}"))?;
+/// The sum of fields `numbers` (counted from 1, as in proc(5)) of `/proc/<process>/stat`.
+fn stat_fields(process: &str, numbers: &[usize]) -> Result<u64, String> {
+    let path = format!("/proc/{process}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
     // The command name (field 2) is parenthesized and may hold spaces; field 3 follows it.
     let fields: Vec<&str> = stat
         .rsplit_once(") ")
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    let field = |number: usize| -> Result<u64, String> {
-        fields
+    let mut sum = 0;
+    for &number in numbers {
+        sum += fields
             .get(number - 3)
-            .and_then(|value| value.parse().ok())
-            .ok_or_else(|| format!("no field {number} in /proc/{pid}/stat"))
-    };
-    Ok(field(14)? + field(15)?)
+            .and_then(|value| value.parse::<u64>().ok())
+            .ok_or_else(|| format!("no field {number} in {path}"))?;
+    }
+    Ok(sum)
+}
+
+/// CPU time (user plus system) of process `pid` so far, in clock ticks: fields 14 and 15
+/// (utime, stime) of `/proc/<pid>/stat`.
+fn cpu_ticks(pid: u32) -> Result<u64, String> {
+    stat_fields(&pid.to_string(), &[14, 15])
+}
+
+/// CPU time of this process' waited-for children so far, in clock ticks: fields 16 and 17
+/// (cutime, cstime) of `/proc/self/stat`. Across a wrk run, whose end is the only wait
+/// meanwhile, its growth is wrk's CPU time.
+fn children_ticks() -> Result<u64, String> {
+    stat_fields("self", &[16, 17])
+}
+
+/// Busy CPU time of the whole machine so far, in clock ticks: the first line of `/proc/stat`
+/// less idle and iowait.
+fn machine_busy_ticks() -> Result<u64, String> {
+    let stat =
+        std::fs::read_to_string("/proc/stat").map_err(|e| format!("reading /proc/stat: {e}"))?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if fields.len() < 8 {
+        return Err("no cpu line in /proc/stat".to_owned());
+    }
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    Ok(fields[..8].iter().sum::<u64>() - fields[3] - fields[4])
 }
 
 /// Clock ticks per second, from `getconf CLK_TCK`.
@@ -1007,6 +1044,9 @@ struct Window {
     commands: Option<f64>,
     /// Errors (non-2xx and socket) in the window.
     errors: u64,
+    /// The share of the machine's CPU time that processes other than the app server, the
+    /// store server and wrk used during the window (other work on the machine skews it).
+    other_load: f64,
 }
 
 /// Fixed facts of a run that every window needs.
@@ -1017,6 +1057,8 @@ struct Bench {
     stores: Stores,
     /// Clock ticks per second.
     ticks_per_second: u64,
+    /// The machine's CPU cores.
+    cores: usize,
     /// Where scripts and the report go.
     directory: PathBuf,
 }
@@ -1035,10 +1077,14 @@ impl Bench {
         let store_pid = self.stores.of(setup).and_then(ServerProcess::pid);
         let commands_before = self.stores.commands(setup)?;
         let store_before = store_pid.map(cpu_ticks).transpose()?;
+        let (machine_before, wrk_before) = (machine_busy_ticks()?, children_ticks()?);
         let before = cpu_ticks(server.pid())?;
+        let started = std::time::Instant::now();
         let result = run_wrk(setup, server.port, &script, self.plan.seconds)?;
+        let elapsed = started.elapsed().as_secs_f64();
         let after = cpu_ticks(server.pid())?;
         let store_after = store_pid.map(cpu_ticks).transpose()?;
+        let (machine_after, wrk_after) = (machine_busy_ticks()?, children_ticks()?);
         let commands_after = self.stores.commands(setup)?;
         drop(server);
 
@@ -1056,7 +1102,13 @@ impl Bench {
             (Some(before), Some(after)) => Some(us_per_request(after.saturating_sub(before))),
             _ => None,
         };
+        let known = (after - before)
+            + (wrk_after - wrk_before)
+            + store_after.zip(store_before).map_or(0, |(a, b)| a - b);
+        let other = (machine_after - machine_before).saturating_sub(known);
+        let capacity = elapsed * self.ticks_per_second as f64 * self.cores as f64;
         Ok(Window {
+            other_load: other as f64 / capacity,
             rate: result.rate,
             p99_us: result.p99_us,
             cpu_us: us_per_request(after.saturating_sub(before)),
@@ -1074,7 +1126,7 @@ impl Bench {
 /// Median, smallest and largest of a non-empty list.
 #[derive(Clone, Copy, Debug)]
 struct Spread {
-    /// The median (the upper one of an even count).
+    /// The median (the mean of the middle two of an even count).
     median: f64,
     /// The smallest.
     min: f64,
@@ -1087,8 +1139,14 @@ impl Spread {
     fn of(values: &[f64]) -> Option<Self> {
         let mut sorted = values.to_vec();
         sorted.sort_by(f64::total_cmp);
+        let upper = *sorted.get(sorted.len() / 2)?;
+        let median = if sorted.len() % 2 == 0 {
+            (sorted[sorted.len() / 2 - 1] + upper) / 2.0
+        } else {
+            upper
+        };
         Some(Self {
-            median: *sorted.get(sorted.len() / 2)?,
+            median,
             min: *sorted.first()?,
             max: *sorted.last()?,
         })
@@ -1217,8 +1275,9 @@ fn markdown(plan: &Plan, results: &Results) -> String {
          rounds, min–max in brackets. Server CPU is the app process' utime+stime \
          (`/proc/<pid>/stat`) per request; store commands and store CPU per request come from \
          memcached's `stats` (cmd_get+cmd_set+cmd_touch+delete_hits+delete_misses) or Redis' \
-         `INFO stats` (total_commands_processed, less the INFO itself) and the store server's \
-         `/proc/<pid>/stat`.\n\n",
+         `INFO stats` (total_commands_processed, less the INFO itself; Redis also counts the \
+         commands a script runs, so our save, one `EVALSHA` round trip, counts as four) and \
+         the store server's `/proc/<pid>/stat`.\n\n",
         date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         nproc = command_output("nproc", &[]),
         kernel = command_output("uname", &["-r"]),
@@ -1286,13 +1345,37 @@ fn markdown(plan: &Plan, results: &Results) -> String {
         );
         out.push_str(&ratios);
     }
-    out.push_str("\nRequests/s of each round, in the order run:\n\n");
+    out.push_str(
+        "\nRequests/s of each round, in the order run, with the share of the machine's CPU \
+         that other processes (not the app server, the store server or wrk) used meanwhile:\n\n",
+    );
     for (round, windows) in results.iter().enumerate() {
         let runs: Vec<String> = windows
             .iter()
-            .map(|(setup, window)| format!("{} {:.0}", setup.name(), window.rate))
+            .map(|(setup, window)| {
+                format!(
+                    "{} {:.0} (other load {:.0}%)",
+                    setup.name(),
+                    window.rate,
+                    window.other_load * 100.0
+                )
+            })
             .collect();
         let _ = writeln!(out, "- round {}: {}", round + 1, runs.join(", "));
+    }
+    let windows = results.iter().flatten().count();
+    let busy = results
+        .iter()
+        .flatten()
+        .filter(|(_, window)| window.other_load > BUSY_MACHINE)
+        .count();
+    if busy > 0 {
+        let _ = writeln!(
+            out,
+            "\n**Note:** in {busy} of {windows} windows other processes used more than {:.0}% \
+             of the machine's CPU: those windows are skewed.",
+            BUSY_MACHINE * 100.0
+        );
     }
     out
 }
@@ -1364,6 +1447,7 @@ fn bench(plan: Plan) -> Result<(), String> {
     let bench = Bench {
         stores: Stores::start(&plan.setups)?,
         ticks_per_second: clock_ticks_per_second()?,
+        cores: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         directory,
         plan,
     };
@@ -1374,7 +1458,7 @@ fn bench(plan: Plan) -> Result<(), String> {
         for setup in plan.order(round) {
             let window = bench.window(setup)?;
             eprintln!(
-                "round {}/{}: {:<24} {:>8.0} requests/s  p99 {:>9}  server CPU {:>6.1} µs/request  store commands/request {}  errors {}",
+                "round {}/{}: {:<24} {:>8.0} requests/s  p99 {:>9}  server CPU {:>6.1} µs/request  store commands/request {}  errors {}  other load {:.0}%",
                 round + 1,
                 plan.rounds,
                 setup.name(),
@@ -1385,6 +1469,7 @@ fn bench(plan: Plan) -> Result<(), String> {
                     .commands
                     .map_or_else(|| "-".to_owned(), |c| format!("{c:.2}")),
                 window.errors,
+                window.other_load * 100.0,
             );
             windows.push((setup, window));
         }
@@ -1468,6 +1553,14 @@ Transfer/sec:      6.67MB
             Plan::from_args(&["--setups".into(), "none,ours-memory,tower-memory".into()]).unwrap();
         assert_eq!(plan.order(1)[0], Setup::OursMemory);
         assert_eq!(plan.order(3), plan.setups);
+    }
+
+    /// The median of an even count is the mean of the middle two.
+    #[test]
+    fn median_of_even_count() {
+        let spread = Spread::of(&[4.0, 1.0, 3.0, 2.0]).unwrap();
+        assert!((spread.median - 2.5).abs() < 1e-12);
+        assert!((spread.min - 1.0).abs() < 1e-12 && (spread.max - 4.0).abs() < 1e-12);
     }
 
     /// Thousands get commas.
