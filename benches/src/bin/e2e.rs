@@ -11,7 +11,10 @@
 //!   round runs each setup once, for a warm-up and then a measured window, in an order rotated
 //!   each round so that a change of machine load affects all setups alike;
 //! - `--quick`: one round of 3 s after a 1 s warm-up (explicit options still win);
-//! - `--mix read|write|90-10` (default `90-10`): the share of `GET /read` and `POST /write`.
+//! - `--mix read|write|90-10` (default `90-10`): the share of `GET /read` and `POST /write`;
+//! - `--quiet-wait S` (default 120): before each window, wait up to S seconds until other
+//!   processes use less than 10% of the machine's CPU (0: do not wait). Windows during which
+//!   they used more anyway are flagged in the report.
 //!
 //! Every window starts a fresh server process (`e2e --serve <setup> --port <p> --memcached
 //! <addr> --redis <url>`, which prints `ready <port>` once it listens), creates 32 sessions with
@@ -189,6 +192,8 @@ struct Plan {
     warmup: u64,
     /// The share of reads and writes.
     mix: Mix,
+    /// The longest wait, in seconds, for a quiet machine before each window.
+    quiet_wait: u64,
 }
 
 /// The value after `flag`, or an error naming the flag.
@@ -203,6 +208,7 @@ impl Plan {
     fn from_args(args: &[String]) -> Result<Self, String> {
         let mut setups = Setup::ALL.to_vec();
         let (mut rounds, mut seconds, mut warmup) = (None, None, None);
+        let mut quiet_wait = 120;
         let mut quick = false;
         let mut mix = Mix::NinetyTen;
         let mut index = 0;
@@ -234,6 +240,7 @@ impl Plan {
                 "--rounds" => rounds = Some(number(value_of(args, index, flag)?)?),
                 "--seconds" => seconds = Some(number(value_of(args, index, flag)?)?),
                 "--warmup" => warmup = Some(number(value_of(args, index, flag)?)?),
+                "--quiet-wait" => quiet_wait = number(value_of(args, index, flag)?)?,
                 "--mix" => {
                     mix = match value_of(args, index, flag)? {
                         "read" => Mix::Read,
@@ -259,6 +266,7 @@ impl Plan {
             seconds: seconds.unwrap_or(if quick { 3 } else { 10 }),
             warmup: warmup.unwrap_or(if quick { 1 } else { 2 }),
             mix,
+            quiet_wait,
         };
         if plan.rounds == 0 || plan.seconds == 0 {
             return Err("--rounds and --seconds must be at least 1".to_owned());
@@ -1064,8 +1072,35 @@ struct Bench {
 }
 
 impl Bench {
+    /// Waits, up to the plan's `quiet_wait`, until the machine is quiet: in one second, less
+    /// than [`BUSY_MACHINE`] of its CPU time busy (nothing of the benchmark runs meanwhile: the
+    /// store servers are idle between windows).
+    fn wait_for_quiet(&self) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(self.plan.quiet_wait);
+        let mut said = false;
+        while std::time::Instant::now() < deadline {
+            let before = machine_busy_ticks()?;
+            std::thread::sleep(Duration::from_secs(1));
+            let busy = (machine_busy_ticks()? - before) as f64
+                / (self.ticks_per_second as f64 * self.cores as f64);
+            if busy < BUSY_MACHINE {
+                return Ok(());
+            }
+            if !said {
+                eprintln!(
+                    "waiting for a quiet machine: other processes use {:.0}% of the CPU (up to {} s, --quiet-wait)",
+                    busy * 100.0,
+                    self.plan.quiet_wait
+                );
+                said = true;
+            }
+        }
+        Ok(())
+    }
+
     /// Measures one window of `setup`: a fresh server, fresh sessions, a warm-up, the window.
     fn window(&self, setup: Setup) -> Result<Window, String> {
+        self.wait_for_quiet()?;
         let server = AppServer::start(setup, &self.stores)?;
         let cookies = create_sessions(setup, server.port)?;
         let script = self.directory.join(format!("{}.lua", setup.name()));
