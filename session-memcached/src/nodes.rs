@@ -69,6 +69,8 @@ pub(crate) struct Node {
     probing: AtomicBool,
     /// When a probe last found the server back, if it ever was down.
     back_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When the running probe last showed it runs (started, or began a try).
+    probe_beat: std::sync::Mutex<std::time::Instant>,
     /// One permit per request in flight, when requests in flight are capped.
     permits: Option<Arc<tokio::sync::Semaphore>>,
     /// Counts the server's failures: CAS values remembered from before a failure may belong
@@ -100,6 +102,7 @@ impl Node {
             probing: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             back_since: std::sync::Mutex::new(None),
+            probe_beat: std::sync::Mutex::new(std::time::Instant::now()),
             permits: settings
                 .max_in_flight
                 .map(|cap| Arc::new(tokio::sync::Semaphore::new(cap))),
@@ -138,14 +141,39 @@ impl Node {
     }
 
     /// Whether the server failed its last request and has not answered a probe since. A down
-    /// server always has a probe running: one whose task ended with its runtime is started
-    /// again here, since requests leave a down server out and report nothing new.
+    /// server always has a probe running: one whose task ended with its runtime, or that has
+    /// not run for longer than a try can take (its runtime sits idle while another uses the
+    /// store), is started again here, on the caller's runtime, since requests leave a down
+    /// server out and report nothing new.
     pub(crate) fn is_down(self: &Arc<Self>) -> bool {
         let down = self.down.load(Ordering::Acquire);
-        if down && !self.probing.load(Ordering::Acquire) {
-            self.start_probe();
+        if down {
+            if !self.probing.load(Ordering::Acquire) {
+                self.start_probe();
+            } else if self.probe_stalled() {
+                self.spawn_probe();
+            }
         }
         down
+    }
+
+    /// Whether the running probe has not shown it runs for longer than one try can take: a
+    /// retry interval of sleep, a name lookup and a no-op (each bounded by the timeouts), and
+    /// a retry interval to spare.
+    fn probe_stalled(&self) -> bool {
+        let settings = &self.settings;
+        let one_try =
+            2 * settings.retry_interval + 3 * settings.connect_timeout + settings.io_timeout;
+        self.probe_beat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+            > one_try
+    }
+
+    /// Notes that the probe runs.
+    fn probe_beats(&self) {
+        *self.probe_beat.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
     }
 
     /// Records a transport failure (refused, reset, timed out): the server is down until a
@@ -161,10 +189,18 @@ impl Node {
         if self.probing.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.spawn_probe();
+    }
+
+    /// Spawns a probe on the caller's runtime (a stalled one, if any, may still end the
+    /// probing later; two probes of one server are harmless).
+    fn spawn_probe(self: &Arc<Self>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.probing.store(false, Ordering::Release);
             return;
         };
+        self.probing.store(true, Ordering::Release);
+        self.probe_beats();
         runtime.spawn(probe(ProbeGuard(Arc::downgrade(self))));
     }
 
@@ -211,6 +247,7 @@ async fn probe(guard: ProbeGuard) {
         let Some(node) = guard.0.upgrade() else {
             return;
         };
+        node.probe_beats();
         node.re_resolve().await;
         if node.client().call(Request::Noop, None).await.is_ok() {
             // Probing ends before the server counts as up: a failure reported in between

@@ -899,3 +899,51 @@ async fn processes_that_disagree_about_a_server_do_not_both_create_one_key() {
     assert_eq!(a.load(&key).await.unwrap().unwrap().record, record("b"));
     assert_eq!(b.load(&key).await.unwrap().unwrap().record, record("b"));
 }
+
+/// Review finding: a server marked down from a runtime that then sits idle (a sync
+/// application's runtime between `block_on` calls) had its probe stuck on that runtime, and a
+/// replicated store used from another runtime left the server out for good. The probe is
+/// started again on a runtime that runs.
+#[test]
+fn a_probe_stuck_on_an_idle_runtime_is_started_again() {
+    let Some(servers) = two_servers() else {
+        return;
+    };
+    let current_thread = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let runtime_a = current_thread();
+    let key = new_key();
+    let (store, first) = runtime_a.block_on(async {
+        let store = MemcachedStore::connect(config(&servers)).await.unwrap();
+        store.create(&key, &record("a"), TTL).await.unwrap();
+        let first = server_named(&servers, store.servers_of(&key)[0]);
+        first.pause();
+        // Answered by the second server; the first is marked down, its probe spawned here.
+        assert!(store.load(&key).await.unwrap().is_some());
+        first.resume();
+        (store, first)
+    });
+    // Runtime A stays alive, running nothing.
+    let runtime_b = current_thread();
+    runtime_b.block_on(async {
+        let started = Instant::now();
+        let mut reached = false;
+        while started.elapsed() < Duration::from_secs(10) && !reached {
+            // Every request asks whether the first server is down, which is where a stuck
+            // probe is noticed; a create shows whether the first server is asked again.
+            let probe_key = new_key();
+            let _ = store.create(&probe_key, &record("b"), TTL).await;
+            let reply = first
+                .command_line(&format!("mg {} v\r\n", probe_key.as_str()))
+                .unwrap();
+            reached = reply.starts_with("VA");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(reached, "the first server was left out for good");
+    });
+    drop(runtime_a);
+}
