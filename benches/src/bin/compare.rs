@@ -217,6 +217,57 @@ impl Cycler for RawRedis {
     }
 }
 
+/// The redis crate doing the least an atomic save needs on Redis 7: `GET`, then a minimal
+/// compare-and-set script (`EVALSHA`) that writes only if the value still starts with the
+/// eight bytes read. The reference for our store, whose saves never lose an update (a plain
+/// `GET` + `SET` does not compare).
+struct RawRedisCas {
+    connection: redis::aio::ConnectionManager,
+    keys: Vec<String>,
+    value: Vec<u8>,
+    script: redis::Script,
+}
+
+impl RawRedisCas {
+    fn new(connection: redis::aio::ConnectionManager, keys: Vec<String>, value: Vec<u8>) -> Self {
+        let script = redis::Script::new(
+            r"
+if redis.call('GETRANGE', KEYS[1], 0, 7) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+",
+        );
+        Self {
+            connection,
+            keys,
+            value,
+            script,
+        }
+    }
+}
+
+impl Cycler for RawRedisCas {
+    async fn cycle(&self, slot: usize) {
+        let key = &self.keys[slot];
+        let mut connection = self.connection.clone();
+        let got: Vec<u8> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let saved: u8 = self
+            .script
+            .key(key)
+            .arg(&got[..8.min(got.len())])
+            .arg(&self.value)
+            .arg(3_600_000)
+            .invoke_async(&mut connection)
+            .await
+            .unwrap();
+        assert_eq!(saved, 1);
+    }
+}
+
 /// A tower-sessions store (memory, moka or Redis): load the record, change it, save it.
 struct TowerSessions<S> {
     store: S,
@@ -482,10 +533,16 @@ async fn redis_entries(server: &ServerProcess) -> Vec<Entry> {
             "raw redis crate (GET, SET EX)",
             false,
             RawRedis {
-                connection,
-                keys,
-                value,
+                connection: connection.clone(),
+                keys: keys.clone(),
+                value: value.clone(),
             },
+        ),
+        entry(
+            "redis",
+            "raw redis crate (GET, compare-and-set script)",
+            false,
+            RawRedisCas::new(connection, keys, value),
         ),
         entry(
             "redis",
