@@ -162,6 +162,12 @@ fn replaceable(existing: Kind, new: Kind) -> bool {
     }
 }
 
+/// The rule of [`MemcachedStore::place`] for every write but a create's carry: replace only
+/// what `write` is newer than.
+fn newer(write: &Write) -> impl Fn(&Item, bool) -> bool + '_ {
+    move |item, _| replaceable(item.kind, write.kind)
+}
+
 /// What [`MemcachedStore::place`] did on one replica.
 enum Placed {
     /// Written; the new CAS.
@@ -382,9 +388,11 @@ impl MemcachedStore {
         })
     }
 
-    /// Writes `write` to `node` unless the server holds something as new or newer; `known` is
-    /// what it held when last read (`None`: not read). Re-reads after a lost race, up to
-    /// `tries` writes. Returns the new CAS when written.
+    /// Writes `write` to `node` where it holds nothing, or something `replaces(item, first)`
+    /// allows to replace (`first`: the item is the one `known` gave, not one re-read after a
+    /// lost race); `known` is what it held when last read (`None`: not read). Re-reads after a
+    /// lost race, up to `tries` writes. Returns the new CAS when written.
+    #[allow(clippy::too_many_arguments)] // reason: one private helper; the rule says what it may replace
     async fn place(
         &self,
         operation: &'static str,
@@ -393,11 +401,12 @@ impl MemcachedStore {
         write: &Write,
         mut known: Option<Option<Item>>,
         tries: usize,
+        replaces: impl Fn(&Item, bool) -> bool,
     ) -> Placed {
-        for _ in 0..tries {
+        for try_ in 0..tries {
             let condition = match known {
                 None | Some(None) => Condition::Absent,
-                Some(Some(item)) if replaceable(item.kind, write.kind) => Condition::Cas(item.cas),
+                Some(Some(item)) if replaces(&item, try_ == 0) => Condition::Cas(item.cas),
                 Some(Some(item)) => return Placed::Holds(item),
             };
             let put = write.put(condition);
@@ -452,7 +461,7 @@ impl MemcachedStore {
                 async move {
                     let known = Some(item);
                     store
-                        .place("repair", &node, item_key, write, known, 1)
+                        .place("repair", &node, item_key, write, known, 1, newer(write))
                         .await
                 }
             });
@@ -582,31 +591,21 @@ impl MemcachedStore {
         write: &Write,
         known: Option<Option<Item>>,
     ) -> Placed {
-        let mut over_tombstone = true;
-        let mut known = known.flatten();
-        for _ in 0..PLACE_TRIES {
-            let condition = match &known {
-                None => Condition::Absent,
-                Some(item) if item.kind == Kind::Unreadable => Condition::Cas(item.cas),
-                Some(item) if item.kind == Kind::Ended && over_tombstone => {
-                    Condition::Cas(item.cas)
-                }
-                Some(item) => return Placed::Holds(item.clone()),
-            };
-            let put = write.put(condition);
-            let Ok(result) = items::set(node, "create", item_key, put, self.deadline).await else {
-                return Placed::GaveUp;
-            };
-            if result.status == MutationStatus::Applied {
-                return written_cas("create", &result).map_or(Placed::GaveUp, Placed::Written);
-            }
-            let Ok(held) = items::get(node, "create", item_key, self.deadline).await else {
-                return Placed::GaveUp;
-            };
-            known = held;
-            over_tombstone = false;
-        }
-        Placed::GaveUp
+        let replaces = |item: &Item, first: bool| match item.kind {
+            Kind::Unreadable => true,
+            Kind::Ended => first,
+            Kind::Session { .. } | Kind::Moved => false,
+        };
+        self.place(
+            "create",
+            node,
+            item_key,
+            write,
+            known,
+            PLACE_TRIES,
+            replaces,
+        )
+        .await
     }
 
     /// A create found the key alive on another replica: takes its copies back (each
@@ -671,7 +670,15 @@ impl MemcachedStore {
             .collect();
         let placed = join_all(rest.iter().map(|copy| {
             let known = Some(copy.item.clone());
-            self.place(operation, &copy.node, &item_key, write, known, PLACE_TRIES)
+            self.place(
+                operation,
+                &copy.node,
+                &item_key,
+                write,
+                known,
+                PLACE_TRIES,
+                newer(write),
+            )
         }))
         .await;
         let mut written = vec![(decider, decided_cas)];

@@ -819,6 +819,14 @@ async fn racing_creates_of_one_key_have_one_winner_every_time() {
     }
 }
 
+/// Deletes `key`'s copy on its first replica behind the store's back (as an eviction or a
+/// restart would lose it).
+fn lose_first_copy(store: &MemcachedStore, servers: &[ServerProcess], key: &StorageKey) {
+    let first = server_named(servers, store.servers_of(key)[0]);
+    let deleted = first.command_line(&format!("md {}\r\n", key.as_str()));
+    assert_eq!(deleted.unwrap(), "HD\r\n");
+}
+
 /// Review finding: a create decides on a key's first replica, but the key may still exist on
 /// another one (the first lost its copy: evicted, or restarted empty). A live session there
 /// is not replaced, and the create fails.
@@ -830,9 +838,7 @@ async fn a_create_does_not_replace_a_session_its_first_replica_lost() {
     let store = MemcachedStore::connect(config(&servers)).await.unwrap();
     let key = new_key();
     store.create(&key, &record("first"), TTL).await.unwrap();
-    let first = server_named(&servers, store.servers_of(&key)[0]);
-    let deleted = first.command_line(&format!("md {}\r\n", key.as_str()));
-    assert_eq!(deleted.unwrap(), "HD\r\n");
+    lose_first_copy(&store, &servers, &key);
     let again = store.create(&key, &record("second"), TTL).await;
     assert!(
         matches!(again, Err(session_core::StoreError::AlreadyExists)),
@@ -854,9 +860,7 @@ async fn a_create_does_not_hide_a_marker_its_first_replica_lost() {
     let version = store.create(&key, &record("first"), TTL).await.unwrap();
     let to = new_key();
     store.mark_moved(&key, version, &to, TTL).await.unwrap();
-    let first = server_named(&servers, store.servers_of(&key)[0]);
-    let deleted = first.command_line(&format!("md {}\r\n", key.as_str()));
-    assert_eq!(deleted.unwrap(), "HD\r\n");
+    lose_first_copy(&store, &servers, &key);
     let again = store.create(&key, &record("second"), TTL).await;
     assert!(
         matches!(again, Err(session_core::StoreError::AlreadyExists)),
